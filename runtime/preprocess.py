@@ -1,0 +1,35 @@
+"""Apply the contract's preprocessing recipe to a decoded grey image (numpy + OpenCV only)."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from .contract import Preprocessing
+
+_INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
+
+
+def crop_border(img: np.ndarray, fraction: float) -> np.ndarray:
+    """Drop ``fraction`` of the height and width from each side."""
+    h, w = img.shape[:2]
+    dy, dx = int(round(h * fraction)), int(round(w * fraction))
+    return img[dy : h - dy or h, dx : w - dx or w]
+
+
+def normalise_intensity(img: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Stretch the ``low``..``high`` percentiles to [0, 1] and clip (removes source-specific
+    brightness, contrast and bit-depth differences)."""
+    lo, hi = np.percentile(img, (low, high))
+    if hi - lo < 1e-6:
+        return np.zeros_like(img, dtype=np.float32)
+    return np.clip((img - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+
+
+def preprocess(grey: np.ndarray, spec: Preprocessing) -> np.ndarray:
+    """Grey float image (H, W) in [0, 1] -> model input (size, size, 1) float32 in [0, 1]."""
+    if grey.ndim != 2:
+        raise ValueError(f"expected a 2-D grey image, got shape {grey.shape}")
+    img = crop_border(grey.astype(np.float32, copy=False), spec.crop_fraction)
+    img = cv2.resize(img, (spec.size, spec.size), interpolation=_INTERPOLATION[spec.interpolation])
+    img = normalise_intensity(img, spec.low_percentile, spec.high_percentile)
+    return img[:, :, None]
