@@ -52,7 +52,7 @@ class Preprocessing:
     version: int = 1
     size: int = INPUT_SIZE
     colour: str = "grey"
-    crop_fraction: float = 0.06
+    crop_fraction: float = 0.08
     resize: str = "squash"
     interpolation: str = "area"
     intensity: str = "percentile"
