@@ -1,0 +1,233 @@
+"""``xray-edge classify PATH...``: screen chest X-ray files and folders with an xray-edge model.
+
+Prints a table (and a disclaimer) on stdout, a progress bar on stderr, and optionally writes
+every result to ``--output`` (.csv, .json or .jsonl), flushed per batch and published
+atomically, so ``--resume`` can finish a run that was killed. Exit codes: 0 all files
+classified, 1 some failed, 2 usage error (nothing classified).
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from importlib import resources
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
+
+import typer
+
+from .decode import DEFAULT_MAX_PIXELS, DICOM_SUFFIXES, is_dicom
+
+if TYPE_CHECKING:
+    from .session import LoadedModel
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *DICOM_SUFFIXES)
+SHIPPED_MODEL = "xray-edge-vgg19-int8.onnx"
+DISCLAIMER = "xray-edge is a research screening aid, not a diagnostic device: every result needs a clinician."
+TABLE_LIMIT = 50  # rows shown on the terminal when the full results go to --output
+
+
+def classify(
+    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders.", show_default=False)],
+    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Also look in sub-folders.")] = False,
+    output: Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Write every result to a .csv, .json or .jsonl file.")] = None,
+    model: Annotated[Optional[Path], typer.Option(
+        "--model", "-m", help="ONNX model exported by xray-edge (default: the shipped model).")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per inference call.")] = 8,
+    threads: Annotated[int, typer.Option(min=0, help="onnxruntime threads (0: one per core).")] = 0,
+    workers: Annotated[int, typer.Option(min=0, help="Decoding threads (0: half the cores, 1 to 4).")] = 0,
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Skip files already classified in --output; failed ones are retried.")] = False,
+    max_pixels: Annotated[int, typer.Option(
+        min=1, help="Refuse images with more pixels than this (decompression bombs).")] = DEFAULT_MAX_PIXELS,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+) -> None:
+    """Screen chest X-ray images (PNG, JPEG, BMP, TIFF, DICOM) for COVID-19 / viral pneumonia."""
+    import cv2
+
+    from .contract import ModelContractError
+    from .pipeline import classify_paths
+    from .results import ResultsWriter, make_row, output_format, partial_path
+    from .session import load_model
+
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # failures become result rows
+    if output is not None:
+        try:
+            output_format(output)
+        except ValueError as e:
+            _usage(str(e))
+    elif resume:
+        _usage("--resume needs --output (the results file to continue)")
+    model_path = model or shipped_model()
+    if model_path is None:
+        _usage("no --model given and no model is shipped with this install; create one with "
+               "`xray-edge train` then `xray-edge export`, and pass it with --model PATH")
+    try:
+        loaded = load_model(model_path, threads)
+    except ModelContractError as e:
+        _usage(str(e))
+    try:
+        files, skipped, unlisted = find_images(paths, recursive)
+    except FileNotFoundError as e:
+        _usage(f"no such file or folder: {e}")
+    for folder, reason in unlisted:
+        typer.echo(f"warning: cannot list folder {folder} ({reason})", err=True)
+    if not files:
+        where = ", ".join(str(p) for p in paths)
+        _usage(f"no images found in {where} (looked for {', '.join(IMAGE_SUFFIXES)}"
+               f"{'' if recursive else '; add --recursive for sub-folders'})")
+
+    keep: list[dict[str, Any]] = []
+    if resume:
+        keep, files = _resume(output, loaded, files)
+    elif output is not None and partial_path(output).exists() and not quiet:
+        typer.echo(f"note: replacing {partial_path(output)} left by an unfinished run "
+                   "(use --resume to continue one)", err=True)
+    try:
+        writer = ResultsWriter(output, loaded.classes, keep) if output is not None else None
+    except OSError as e:
+        _usage(f"cannot write {output} ({e.strerror or e})")
+
+    rows: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    try:
+        with typer.progressbar(length=len(files), label="classifying", file=sys.stderr,
+                               hidden=quiet or not files) as bar:
+            for results in classify_paths(loaded, files, batch_size, workers or None, max_pixels):
+                batch = [make_row(r, loaded) for r in results]
+                if writer is not None:
+                    writer.write(batch)
+                rows.extend(batch)
+                bar.update(len(batch))
+        if writer is not None:
+            writer.publish()
+    except KeyboardInterrupt:
+        if writer is None:
+            typer.echo(f"\ninterrupted after {len(rows)} files", err=True)
+        else:
+            writer.close()
+            typer.echo(f"\ninterrupted: {len(keep) + len(rows)} results kept in {writer.partial}; "
+                       "run the same command with --resume to continue", err=True)
+        raise typer.Exit(130) from None
+    except OSError as e:
+        _usage(f"cannot write {output} ({e.strerror or e})")
+    elapsed = time.perf_counter() - start
+
+    failed = sum(r["status"] == "error" for r in rows)
+    shown = rows if output is None else rows[:TABLE_LIMIT]
+    if shown:
+        typer.echo(format_table(shown, loaded.classes, bool(loaded.record.thresholds)))
+    if len(shown) < len(rows):
+        typer.echo(f"... {len(rows) - len(shown)} more rows in {output}")
+    typer.echo(summary(rows, elapsed, len(keep), skipped, output))
+    typer.echo(DISCLAIMER)
+    raise typer.Exit(1 if failed or unlisted else 0)
+
+
+def _resume(output: Path, model: LoadedModel, files: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
+    """(ok rows of the earlier run into ``output``, files still to do); failed rows are retried."""
+    from .results import ResumeError, read_previous
+
+    try:
+        keep = [r for r in read_previous(output, model.classes) if r["status"] == "ok"]
+    except ResumeError as e:
+        _usage(str(e))
+    others = {r["model"] for r in keep} - {model.label}
+    if others:
+        _usage(f"{output} holds results of another model ({', '.join(sorted(others))}), "
+               f"not {model.label}; choose another --output")
+    done = {os.path.abspath(r["path"]) for r in keep}
+    return keep, [f for f in files if os.path.abspath(f) not in done]
+
+
+def shipped_model() -> Path | None:
+    """The model installed with the package (xray_edge.models), if there is one."""
+    resource = resources.files("xray_edge.models") / SHIPPED_MODEL
+    return Path(str(resource)) if resource.is_file() else None
+
+
+def find_images(inputs: list[Path], recursive: bool = False) -> tuple[list[str], int, list[tuple[str, str]]]:
+    """Files named on the command line are taken as they are; folders give their image files
+    (by suffix, or extensionless DICOM), sorted, hidden ones skipped. Returns (files, number of
+    other files skipped, [(folder, reason)] for folders that could not be listed); raises
+    FileNotFoundError for a path that does not exist."""
+    files: list[str] = []
+    skipped = 0
+    unlisted: list[tuple[str, str]] = []
+    for item in inputs:
+        if not item.is_dir():
+            if not item.exists():
+                raise FileNotFoundError(str(item))
+            files.append(str(item))
+            continue
+        walk = os.walk(item, onerror=lambda e: unlisted.append((e.filename, e.strerror or str(e))))
+        for folder, subfolders, names in walk if recursive else [next(walk, (str(item), [], []))]:
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+            for name in sorted(n for n in names if not n.startswith(".")):
+                path = os.path.join(folder, name)
+                if _looks_like_image(path):
+                    files.append(path)
+                else:
+                    skipped += 1
+    unique, seen = [], set()
+    for f in files:  # the same file named twice is classified once
+        if os.path.abspath(f) not in seen:
+            seen.add(os.path.abspath(f))
+            unique.append(f)
+    return unique, skipped, unlisted
+
+
+def _looks_like_image(path: str) -> bool:
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix:
+        return suffix in IMAGE_SUFFIXES
+    try:
+        with open(path, "rb") as f:
+            return is_dicom(f.read(132))
+    except OSError:
+        return True  # let it fail with its reason in the results
+
+
+def format_table(rows: list[dict[str, Any]], classes: list[str], with_flagged: bool) -> str:
+    """A fixed-width table: file, prediction, one probability column per class, ms, flagged."""
+    path_w = min(max(len("file"), *(len(r["path"]) for r in rows)), 48)
+    label_w = max(len("prediction"), *(len(c) for c in classes))
+    prob_w = [max(len(c), 5) for c in classes]
+    head = [f"{'file':<{path_w}}", f"{'prediction':<{label_w}}", *(f"{c:>{w}}" for c, w in zip(classes, prob_w)),
+            f"{'ms':>7}", *(["flagged"] if with_flagged else [])]
+    lines = ["  ".join(head)]
+    for r in rows:
+        path = r["path"] if len(r["path"]) <= path_w else "..." + r["path"][-(path_w - 3):]
+        if r["status"] != "ok":
+            lines.append(f"{path:<{path_w}}  {'ERROR':<{label_w}}  {r['error']}")
+            continue
+        cells = [f"{path:<{path_w}}", f"{r['label']:<{label_w}}",
+                 *(f"{r[f'p_{c}']:>{w}.3f}" for c, w in zip(classes, prob_w)), f"{r['ms']:>7.1f}"]
+        if with_flagged:
+            cells.append(",".join(r["flagged"]) or "-")
+        lines.append("  ".join(cells))
+    return "\n".join(lines)
+
+
+def summary(rows: list[dict[str, Any]], seconds: float, kept: int, skipped: int, output: Path | None) -> str:
+    ok = [r for r in rows if r["status"] == "ok"]
+    counts: dict[str, int] = {}
+    for r in ok:
+        counts[r["label"]] = counts.get(r["label"], 0) + 1
+    parts = [f"{len(ok)} classified, {len(rows) - len(ok)} failed in {seconds:.1f} s"
+             + (f" ({len(rows) / seconds:.1f} images/s)" if rows and seconds > 0 else "")]
+    if counts:
+        parts.append("predicted " + ", ".join(f"{label} {n}" for label, n in sorted(counts.items())))
+    if kept:
+        parts.append(f"{kept} already done in {output} (resumed)")
+    if skipped:
+        parts.append(f"{skipped} non-image files skipped")
+    if output is not None:
+        parts.append(f"results: {output}")
+    return "; ".join(parts)
+
+
+def _usage(message: str) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
