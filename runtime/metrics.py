@@ -10,13 +10,9 @@ from typing import Any, Sequence
 import numpy as np
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, roc_auc_score
 
+from .session import softmax  # re-exported: one softmax for runtime, training and metrics
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    """Row-wise softmax of ``logits / temperature`` (computed in float64, returned as float64)."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z -= z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
+__all__ = ["softmax", "fit_temperature", "expected_calibration_error", "classification_report"]
 
 
 def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
