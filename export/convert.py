@@ -19,36 +19,10 @@ MAX_PROB_DIFF = 1e-4  # Keras vs ONNX FP32, max |p_keras - p_onnx| over images a
 
 def keras_to_onnx(model: Any, opset: int = OPSET) -> Any:
     """The probabilities model's ``logits`` sub-model as an ``onnx.ModelProto`` (no record yet)."""
-    import tensorflow as tf
-    import tf2onnx
-    from onnx import numpy_helper
+    from xray_edge.train.model import logits_model, to_onnx
 
-    from xray_edge.train.model import logits_model
-
-    logits = logits_model(model)
-    size = int(model.input.shape[1])
-    spec = (tf.TensorSpec((None, size, size, 1), tf.float32, name=INPUT_NAME),)
-
-    @tf.function(input_signature=spec)
-    def forward(image):
-        return {OUTPUT_NAME: logits(image, training=False)}
-
-    # Constant tensors the layers hold outside variables (e.g. the Normalization layer's mean) are
-    # captured by the tf.function and would become extra graph inputs: turn them into initializers.
-    captured = {inner.name: outer.numpy() for outer, inner in forward.get_concrete_function().graph.captures
-                if outer.dtype != tf.resource}
-    proto, _ = tf2onnx.convert.from_function(forward, input_signature=spec, opset=opset)
-    graph = proto.graph
-    used = {name for node in graph.node for name in node.input}
-    for inp in list(graph.input):
-        if inp.name in captured:
-            graph.input.remove(inp)
-            if inp.name in used:
-                graph.initializer.append(numpy_helper.from_array(captured[inp.name], inp.name))
-    if [i.name for i in graph.input] != [INPUT_NAME] or len(graph.output) != 1:
-        raise RuntimeError(f"unexpected ONNX graph inputs {[i.name for i in graph.input]} / "
-                           f"outputs {[o.name for o in graph.output]}")
-    rename_output(proto, graph.output[0].name, OUTPUT_NAME)
+    proto = to_onnx(logits_model(model), opset, output_name=OUTPUT_NAME)
+    rename_output(proto, proto.graph.output[0].name, OUTPUT_NAME)
     name_batch_dim(proto)
     return proto
 

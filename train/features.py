@@ -15,7 +15,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from xray_edge.contract import INPUT_NAME, Preprocessing
+from xray_edge.contract import Preprocessing
 from xray_edge.preprocess import preprocess
 from xray_edge.train import augment
 from xray_edge.decode import read_image
@@ -23,30 +23,6 @@ from xray_edge.train.data import Image
 
 DECODER = "xray_edge.decode.read_image/v1"  # part of the cache key: change when decoding changes
 DEFAULT_CACHE = Path.home() / ".cache" / "xray-edge" / "features"
-
-
-def to_onnx(model: Any, size: int, opset: int = 17) -> bytes:
-    """Serialised ONNX of a Keras model taking ``image`` (N, size, size, 1) float32."""
-    import tensorflow as tf
-    import tf2onnx
-    from onnx import numpy_helper
-
-    signature = (tf.TensorSpec((None, size, size, 1), tf.float32, name=INPUT_NAME),)
-    fn = tf.function(lambda image: model(image, training=False), input_signature=signature)
-    # Constants that layers hold outside variables (the Normalization mean/variance) are captured by
-    # the tf.function and would become extra graph inputs: make them initializers.
-    captured = {inner.name: outer.numpy() for outer, inner in fn.get_concrete_function().graph.captures
-                if outer.dtype != tf.resource}
-    proto, _ = tf2onnx.convert.from_function(fn, input_signature=signature, opset=opset)
-    used = {name for node in proto.graph.node for name in node.input}
-    for inp in list(proto.graph.input):
-        if inp.name in captured:
-            proto.graph.input.remove(inp)
-            if inp.name in used:
-                proto.graph.initializer.append(numpy_helper.from_array(captured[inp.name], inp.name))
-    if [i.name for i in proto.graph.input] != [INPUT_NAME]:
-        raise RuntimeError(f"unexpected ONNX graph inputs {[i.name for i in proto.graph.input]}")
-    return proto.SerializeToString()
 
 
 def onnx_runner(onnx_bytes: bytes):

@@ -7,6 +7,7 @@ convolutions) and the head are separate models so the base can be run once per i
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import keras
 
@@ -72,3 +73,36 @@ def assemble(base: keras.Model, head: keras.Model) -> keras.Model:
 def logits_model(model: keras.Model) -> keras.Model:
     """The sub-model image -> logits (what is exported to ONNX)."""
     return keras.Model(model.inputs, model.get_layer("logits").output, name="xray_edge_logits")
+
+
+def to_onnx(model: keras.Model, opset: int = 17, output_name: str | None = None) -> Any:
+    """tf2onnx export (an ``onnx.ModelProto``) of a Keras model with one input ``image``
+    (N, S, S, 1) float32, dynamic batch, and one output (named ``output_name`` if given)."""
+    import tensorflow as tf
+    import tf2onnx
+    from onnx import numpy_helper
+
+    size = int(model.inputs[0].shape[1])
+    spec = (tf.TensorSpec((None, size, size, 1), tf.float32, name=INPUT_NAME),)
+
+    @tf.function(input_signature=spec)
+    def forward(image):
+        out = model(image, training=False)
+        return {output_name: out} if output_name else out
+
+    # Constants that layers hold outside variables (the Normalization mean/variance) are captured by
+    # the tf.function and would become extra graph inputs: turn them into initializers.
+    captured = {inner.name: outer.numpy() for outer, inner in forward.get_concrete_function().graph.captures
+                if outer.dtype != tf.resource}
+    proto, _ = tf2onnx.convert.from_function(forward, input_signature=spec, opset=opset)
+    graph = proto.graph
+    used = {name for node in graph.node for name in node.input}
+    for inp in list(graph.input):
+        if inp.name in captured:
+            graph.input.remove(inp)
+            if inp.name in used:
+                graph.initializer.append(numpy_helper.from_array(captured[inp.name], inp.name))
+    if [i.name for i in graph.input] != [INPUT_NAME] or len(graph.output) != 1:
+        raise RuntimeError(f"unexpected ONNX graph inputs {[i.name for i in graph.input]} / "
+                           f"outputs {[o.name for o in graph.output]}")
+    return proto

@@ -140,7 +140,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     classes = data.dataset_classes(cfg.data_dir, cfg.classes)  # refuse a bad folder before importing TF
     import keras
 
-    from xray_edge.train.model import assemble, build_base, logits_model, resolve_weights
+    from xray_edge.train.model import assemble, build_base, logits_model, resolve_weights, to_onnx
 
     timings: dict[str, float] = {"import_tensorflow": round(time.perf_counter() - t_start, 1)}
     weights = resolve_weights(cfg.weights)
@@ -166,7 +166,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     with _stage(timings, "onnx_export_and_check"):
         base = build_base(weights, cfg.size)
         digest = features.weights_digest(base)
-        run_base = features.onnx_runner(features.to_onnx(base, cfg.size))
+        run_base = features.onnx_runner(to_onnx(base).SerializeToString())
         probe_idx = np.flatnonzero(split_of == "val")[:4]
         x_probe = np.stack([features.view_input(images[i], 0, spec, cfg.seed) for i in probe_idx])
         onnx_check = features.compare(np.asarray(base.predict(x_probe, verbose=0)), run_base(x_probe), 1e-4)
@@ -210,7 +210,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                                               lr=cfg.fine_tune_lr, seed=cfg.seed)
             report.write_history(cfg.out / "history_finetune.csv", histories["finetune"])
             full = keras.Model(base.input, head(base.output))
-            run_full = features.onnx_runner(features.to_onnx(full, cfg.size))
+            run_full = features.onnx_runner(to_onnx(full).SerializeToString())
             logits = {s: np.concatenate([run_full(img[s][i:i + 16]) for i in range(0, len(img[s]), 16)]).astype(np.float64)
                       for s in ("val", "test")}
     else:
