@@ -3,7 +3,6 @@ INT8 calibration, all read from the training run's split manifest (split.csv) an
 preprocessed exactly as the runtime does (``xray_edge.pipeline.prepare``)."""
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from collections import Counter
@@ -13,7 +12,7 @@ from typing import Sequence
 
 import numpy as np
 
-from xray_edge.contract import Preprocessing
+from xray_edge.contract import Preprocessing, sha256_file  # noqa: F401 (re-exported)
 from xray_edge.train.manifest import load_split, read_manifest
 
 DATA_ENV = "XRAY_EDGE_DATA"
@@ -30,14 +29,6 @@ class Images:
     x: np.ndarray
     y: np.ndarray
     paths: list[str]
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def data_root(given: Path | None) -> Path | None:

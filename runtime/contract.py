@@ -10,7 +10,9 @@ intensity, following the record read from the model file itself.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
@@ -177,3 +179,12 @@ def attach_record(onnx_model: Any, record: ModelRecord) -> None:
     for k, v in sorted(props.items()):
         entry = onnx_model.metadata_props.add()
         entry.key, entry.value = k, v
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes (the hashes of source model and split manifest in the record)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -2,7 +2,6 @@
 thresholds -> model.keras, record.json, split.csv, metrics.json and plots."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -17,7 +16,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from xray_edge import __version__
-from xray_edge.contract import ModelRecord, Preprocessing
+from xray_edge.contract import ModelRecord, Preprocessing, sha256_file
 from xray_edge.metrics import classification_report, expected_calibration_error, fit_temperature, softmax
 from xray_edge.train import data, features, heads, report, split, thresholds
 from xray_edge.train.manifest import SPLITS, write_manifest
@@ -95,14 +94,6 @@ def _versions() -> dict[str, str]:
             "opencv": cv2.__version__}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _split_counts(labels: np.ndarray, split_of: np.ndarray, classes: list[str]) -> dict[str, dict[str, int]]:
     return {s: {c: int(((split_of == s) & (labels == i)).sum()) for i, c in enumerate(classes)} for s in SPLITS}
 
@@ -161,7 +152,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         manifest = cfg.out / "split.csv"
         write_manifest(manifest, ({"path": im.path, "label": im.label, "source": im.source, "sha256": im.sha256,
                                    "group": f"g{g:05d}", "split": s} for im, g, s in zip(images, groups, split_of)))
-        manifest_sha = _sha256(manifest)
+        manifest_sha = sha256_file(manifest)
 
     with _stage(timings, "onnx_export_and_check"):
         base = build_base(weights, cfg.size)
@@ -277,7 +268,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     (cfg.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     record = ModelRecord(
         classes=classes, preprocessing=spec, model_version=__version__, input_shape=["N", cfg.size, cfg.size, 1],
-        temperature=temperature, thresholds=chosen_thresholds, source_model_sha256=_sha256(model_path),
+        temperature=temperature, thresholds=chosen_thresholds, source_model_sha256=sha256_file(model_path),
         data_manifest_sha256=manifest_sha, metrics=_record_metrics(metrics))
     record.validate(str(cfg.out / "record.json"))
     (cfg.out / "record.json").write_text(json.dumps(json.loads(record.to_json()), indent=2))
