@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 import typer
 
 from .decode import DEFAULT_MAX_PIXELS, DICOM_SUFFIXES, is_dicom
+from .files import read_head
 
 if TYPE_CHECKING:
     from .session import LoadedModel
@@ -179,12 +180,13 @@ def find_images(inputs: list[Path], recursive: bool = False) -> tuple[list[str],
 
 
 def _looks_like_image(path: str) -> bool:
+    """By suffix; an extensionless file by its DICOM signature. Only regular files are opened:
+    anything else (a FIFO, socket or device) is kept, to get its error row."""
     suffix = os.path.splitext(path)[1].lower()
     if suffix:
         return suffix in IMAGE_SUFFIXES
     try:
-        with open(path, "rb") as f:
-            return is_dicom(f.read(132))
+        return is_dicom(read_head(path, 132))
     except OSError:
         return True  # let it fail with its reason in the results
 

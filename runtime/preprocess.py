@@ -5,6 +5,7 @@ import cv2
 import numpy as np
 
 from .contract import Preprocessing
+from .decode import NoImageContent
 
 _INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
 
@@ -18,10 +19,12 @@ def crop_border(img: np.ndarray, fraction: float) -> np.ndarray:
 
 def normalise_intensity(img: np.ndarray, low: float, high: float) -> np.ndarray:
     """Stretch the ``low``..``high`` percentiles to [0, 1] and clip (removes source-specific
-    brightness, contrast and bit-depth differences)."""
+    brightness, contrast and bit-depth differences). An image that is flat between those
+    percentiles would become a blank model input: NoImageContent."""
     lo, hi = np.percentile(img, (low, high))
     if hi - lo < 1e-6:
-        return np.zeros_like(img, dtype=np.float32)
+        raise NoImageContent(f"no image content: flat between the {low:g} and {high:g} percentiles "
+                             "inside the cropped border")
     return np.clip((img - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 

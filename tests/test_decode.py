@@ -1,12 +1,21 @@
 """Decoders: every format to grey float32 in [0, 1], DICOM LUTs, bomb guard, bad input reasons."""
+import os
 import struct
+import subprocess
+import sys
+import textwrap
 
 import cv2
 import numpy as np
 import pytest
 
-from images import (as_uint8, as_uint16, png_bomb, write, write_bad_corpus, write_dicom, xray_like)
-from xray_edge.decode import DecodeError, image_header, read_image
+from pydicom.uid import JPEG2000Lossless, JPEGBaseline8Bit, JPEGLosslessSV1, JPEGLSLossless, RLELossless
+
+from images import (as_uint8, as_uint16, deflate_bomb, frame_bomb, framed_blank, j2k_size_bomb, png_bomb, write,
+                    write_bad_corpus, write_compressed_dicom, write_dicom, xray_like)
+from tiny_model import tiny_record
+from xray_edge.decode import DecodeError, NoImageContent, image_header, read_image
+from xray_edge.preprocess import preprocess
 
 GREY = xray_like(61, 47, seed=3)
 
@@ -88,13 +97,35 @@ def test_pixel_limit_applies_to_genuine_images(tmp_path):
 
 def test_bad_inputs_give_one_line_reasons(tmp_path):
     expected = write_bad_corpus(tmp_path)
-    assert len(expected) >= 10
+    assert len(expected) >= 22
     for name, reason in expected.items():
         with pytest.raises(DecodeError) as info:
-            read_image(tmp_path / name)
+            read_image(tmp_path / name, max_pixels=4_000_000)  # a small limit keeps the deflate bomb check quick
         message = str(info.value)
         assert reason in message, (name, message)
         assert "\n" not in message
+
+
+def test_no_image_content(tmp_path):
+    for shape in ((50, 40), (1, 1)):
+        with pytest.raises(NoImageContent, match="no image content: constant pixel values"):
+            read_image(write(tmp_path / "flat.png", np.full(shape, 77, np.uint8)))
+    with pytest.raises(NoImageContent, match="constant pixel values"):
+        read_image(write_dicom(tmp_path / "flat.dcm", np.full((20, 20), 1000, np.uint16), window=(500.0, 100.0)))
+    # content only at the very edge: the decoder sees it, the model input would be blank
+    grey = read_image(write(tmp_path / "framed.png", framed_blank()))
+    with pytest.raises(NoImageContent, match="no image content: flat"):
+        preprocess(grey, tiny_record(32).preprocessing)
+
+
+def test_signature_decides_the_format_not_the_name(tmp_path):
+    png = write(tmp_path / "real.png", as_uint8(GREY))
+    named_dcm = tmp_path / "scan.dcm"
+    named_dcm.write_bytes(png.read_bytes())
+    np.testing.assert_array_equal(read_image(named_dcm), read_image(png))
+    bare = tmp_path / "bare.dcm"  # a DICOM data set without the Part 10 preamble: known by its name
+    bare.write_bytes(write_dicom(tmp_path / "full.dcm", STORED, bits=12).read_bytes()[132:])
+    assert read_image(bare).shape == STORED.shape
 
 
 def test_missing_file_and_folder(tmp_path):
@@ -151,13 +182,76 @@ def test_dicom_truncated_pixel_data(tmp_path):
         read_image(path)
 
 
+@pytest.mark.parametrize("syntax, bits", [
+    (JPEGBaseline8Bit, 8), (JPEGLosslessSV1, 12), (JPEGLSLossless, 12), (JPEG2000Lossless, 12), (RLELossless, 12),
+])
+def test_compressed_dicom_decodes_to_the_original_pixels(tmp_path, syntax, bits):
+    """Each transfer syntax clinics send, encoded here by an independent encoder."""
+    import pydicom
+
+    pixels = as_uint8(xray_like(40, 36, seed=5)) if bits == 8 else STORED
+    path = write_compressed_dicom(tmp_path / "c.dcm", pixels, syntax, bits)
+    ds = pydicom.dcmread(path)
+    assert ds.file_meta.TransferSyntaxUID == syntax
+    native = read_image(write_dicom(tmp_path / "n.dcm", pixels.astype(np.uint16), bits=bits))
+    if syntax == JPEGBaseline8Bit:  # lossy: compare with OpenCV's decoding of the same JPEG stream
+        reference = cv2.imdecode(np.frombuffer(bytes(next(iter_fragments(ds))), np.uint8), cv2.IMREAD_GRAYSCALE)
+        assert np.abs(ds.pixel_array.astype(int) - reference).max() <= 1
+        assert np.abs(read_image(path) - native).mean() < 0.02
+    else:
+        np.testing.assert_array_equal(ds.pixel_array, pixels)
+        np.testing.assert_array_equal(read_image(path), native)
+
+
+def iter_fragments(ds):
+    from pydicom.encaps import generate_fragments, parse_basic_offsets
+    import io
+
+    buffer = io.BytesIO(ds.PixelData)
+    parse_basic_offsets(buffer)
+    return generate_fragments(buffer)
+
+
+def test_memory_bombs_are_refused_under_a_memory_limit(tmp_path):
+    """Decoded, each would take gigabytes; refused before decoding, they fit in 1.5 GB of
+    address space (a regression fails here instead of taking the machine down)."""
+    files = {
+        "frames-undeclared.dcm": (frame_bomb(tmp_path / "a.dcm", declare_frames=False), "undeclared frames"),
+        "frames-one-declared.dcm": (frame_bomb(tmp_path / "b.dcm", declare_frames=True), "undeclared frames"),
+        "deflated.dcm": (deflate_bomb(tmp_path / "c.dcm"), "possible decompression bomb"),
+        "j2k.dcm": (j2k_size_bomb(tmp_path / "d.dcm"), "possible decompression bomb"),
+    }
+    code = textwrap.dedent("""
+        import resource, sys
+        resource.setrlimit(resource.RLIMIT_AS, (1536 << 20, 1536 << 20))
+        from xray_edge.decode import DecodeError, read_image
+        for path in sys.argv[1:]:
+            try:
+                read_image(path)
+                print(path, "DECODED")
+            except DecodeError as e:
+                print(path, e)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code, *(str(p) for p, _ in files.values())],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == len(files)
+    for line, (path, reason) in zip(lines, files.values()):
+        assert line.startswith(str(path)) and reason in line, line
+    assert proc.stderr == ""
+
+
 def test_unreadable_file_reason(tmp_path, monkeypatch):
     """chmod 000 cannot stop root (write_bad_corpus covers it for other users): simulate it."""
     path = write(tmp_path / "locked.png", as_uint8(GREY))
+    real_open = os.open
 
-    def denied(self):
-        raise PermissionError(13, "Permission denied", str(self))
+    def denied(name, *args, **kwargs):
+        if os.fspath(name) == str(path):
+            raise PermissionError(13, "Permission denied", str(name))
+        return real_open(name, *args, **kwargs)
 
-    monkeypatch.setattr(type(path), "read_bytes", denied)
+    monkeypatch.setattr(os, "open", denied)
     with pytest.raises(DecodeError, match="permission denied"):
         read_image(path)

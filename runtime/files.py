@@ -1,0 +1,83 @@
+"""Read a file without being led astray by what sits at its name.
+
+Only regular files are read: a FIFO would block forever, a device can have side effects when
+opened (a tape rewinds, a watchdog arms) and a socket cannot be read at all. The kind is checked
+before opening, the file is opened non-blocking (so a FIFO swapped in meanwhile cannot block) and
+checked again on the open descriptor, and at most the size it had when opened is read.
+"""
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+_KINDS = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
+          (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder"), (stat.S_ISLNK, "symbolic link"))
+
+
+class NotRegularFile(OSError):
+    """The name is a FIFO, socket, device, folder (or, not following links, a symbolic link)."""
+
+    def __init__(self, path: str | os.PathLike, kind: str):
+        super().__init__(f"not a regular file ({kind})")
+        self.path, self.kind = os.fspath(path), kind
+
+
+class FileTooLarge(OSError):
+    """The file is larger than the caller's limit."""
+
+    def __init__(self, path: str | os.PathLike, size: int):
+        super().__init__(f"file is {size} bytes")
+        self.path, self.size = os.fspath(path), size
+
+
+def kind_of(mode: int) -> str:
+    """'regular file', 'FIFO', 'socket', 'character device', 'block device', 'folder', ..."""
+    if stat.S_ISREG(mode):
+        return "regular file"
+    return next((name for test, name in _KINDS if test(mode)), "special file")
+
+
+def read_regular(path: str | os.PathLike, limit: int, *, follow_symlinks: bool = True) -> bytes:
+    """All bytes of the regular file at ``path``; FileTooLarge if it has more than ``limit``."""
+    with _open_regular(path, follow_symlinks) as (fd, size):
+        if size > limit:
+            raise FileTooLarge(path, size)
+        return _read(fd, size)
+
+
+def read_head(path: str | os.PathLike, n: int) -> bytes:
+    """The first ``n`` bytes (fewer if the file is shorter) of the regular file at ``path``."""
+    with _open_regular(path, True) as (fd, size):
+        return _read(fd, min(n, size))
+
+
+@contextmanager
+def _open_regular(path: str | os.PathLike, follow_symlinks: bool) -> Iterator[tuple[int, int]]:
+    """(descriptor, size) of a regular file; NotRegularFile for anything else, other OSErrors
+    (FileNotFoundError, PermissionError, ...) as os.open raises them."""
+    mode = os.stat(path, follow_symlinks=follow_symlinks).st_mode
+    if not stat.S_ISREG(mode):
+        raise NotRegularFile(path, kind_of(mode))
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC | (0 if follow_symlinks else os.O_NOFOLLOW)
+    fd = os.open(path, flags)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # swapped between the check and the open
+            raise NotRegularFile(path, kind_of(st.st_mode))
+        yield fd, st.st_size
+    finally:
+        os.close(fd)
+
+
+def _read(fd: int, size: int) -> bytes:
+    """Up to ``size`` bytes from ``fd`` (fewer if the file shrank meanwhile)."""
+    chunks, left = [], size
+    while left > 0:
+        chunk = os.read(fd, min(left, 1 << 24))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
