@@ -3,6 +3,13 @@
 The model's metadata record (classes, preprocessing, temperature, thresholds) is read from the
 file itself; a model without a valid record, or whose input/output does not match it, is refused.
 
+Privacy: onnxruntime's telemetry is switched off. Its official builds for Linux queue events
+(device id, executable path, model file name, error text) in ~/.cache/Microsoft/DeveloperTools/
+and upload them. The package (``xray_edge/__init__``, imported before this module) sets
+``ORT_DISABLE_TELEMETRY=1`` before onnxruntime is first loaded, which is when onnxruntime reads
+it (no uploader, device id or event queue is created); ``disable_telemetry_events()`` is called
+before every session as well, for a process that loaded onnxruntime before xray-edge.
+
     model = load_model("model.onnx", threads=4)
     probs = predict_proba(model, batch)   # batch: (N, S, S, 1) float32 from preprocess()
 """
@@ -43,6 +50,7 @@ def load_model(path: str | os.PathLike, threads: int = 0) -> LoadedModel:
     path = Path(path)
     if not path.is_file():
         raise ModelContractError(f"{path}: model file not found")
+    ort.disable_telemetry_events()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1

@@ -1,4 +1,10 @@
-"""Model loading (record, input checks, threads), probabilities, and the prefetching pipeline."""
+"""Model loading (record, input checks, threads, no telemetry), probabilities, and the prefetching
+pipeline."""
+import os
+import subprocess
+import sys
+import textwrap
+
 import numpy as np
 import pytest
 
@@ -109,3 +115,34 @@ def test_classify_paths_matches_direct_prediction(tmp_path, model_path):
     direct = predict_proba(model, np.stack([prepare(p, model.record.preprocessing).image for p in ok]))
     np.testing.assert_allclose(np.stack([r.probs for r in results if r.ok]), direct, rtol=1e-5)
     assert all(r.ms > 0 for r in results)
+
+
+TELEMETRY_CHILD = textwrap.dedent("""
+    import sys
+    import numpy as np
+    if sys.argv[1] == "xray-edge":
+        from xray_edge.session import load_model, predict_proba
+        predict_proba(load_model(sys.argv[2]), np.zeros((1, 32, 32, 1), np.float32))
+    else:
+        import onnxruntime as ort
+        ort.InferenceSession(sys.argv[2]).run(None, {"image": np.zeros((1, 32, 32, 1), np.float32)})
+""")
+
+
+def test_onnxruntime_writes_no_telemetry(tmp_path, model_path):
+    """With HOME in a fresh folder and no CI variables (onnxruntime keeps quiet under CI),
+    onnxruntime used directly creates its telemetry queue under ~/.cache; through xray-edge
+    nothing is created."""
+
+    def files_written(who):
+        home = tmp_path / who
+        home.mkdir()
+        env = {"PATH": os.environ.get("PATH", ""), "HOME": str(home)}
+        proc = subprocess.run([sys.executable, "-c", TELEMETRY_CHILD, who, str(model_path)], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        return sorted(str(p.relative_to(home)) for p in home.rglob("*") if p.is_file())
+
+    if not files_written("onnxruntime"):
+        pytest.skip("this onnxruntime writes no telemetry files even when left alone")
+    assert files_written("xray-edge") == []
