@@ -1,15 +1,17 @@
 """``xray-edge classify PATH...``: screen chest X-ray files and folders with an xray-edge model.
 
-Prints a table (and a disclaimer) on stdout, a progress bar on stderr, and optionally writes
-every result to ``--output`` (.csv, .json or .jsonl), flushed per batch and published
-atomically, so ``--resume`` can finish a run that was killed. Exit codes: 0 all files
-classified, 1 some failed, 2 usage error (nothing classified).
+Prints a table (and a disclaimer) on stdout, progress on stderr (a bar on a terminal, plain
+lines otherwise), and optionally writes every result to ``--output`` (.csv, .json or .jsonl),
+synced per batch and published atomically, so ``--resume`` can finish a run that was killed.
+Exit codes: 0 all files classified, 1 some failed, 2 nothing run or results could not be
+saved (one ``error:`` line on stderr), 130 interrupted.
 """
 from __future__ import annotations
 
 import os
 import sys
 import time
+from contextlib import nullcontext
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
@@ -18,6 +20,7 @@ import typer
 
 from .decode import DEFAULT_MAX_PIXELS, DICOM_SUFFIXES, is_dicom
 from .files import read_head
+from .terminal import Progress, printable, say
 
 if TYPE_CHECKING:
     from .session import LoadedModel
@@ -26,37 +29,55 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *DICOM_SUFFI
 SHIPPED_MODEL = "xray-edge-vgg19-int8.onnx"
 DISCLAIMER = "xray-edge is a research screening aid, not a diagnostic device: every result needs a clinician."
 TABLE_LIMIT = 50  # rows shown on the terminal when the full results go to --output
+MAX_BATCH_SIZE = 64  # more only multiplies memory (batch_size x 3 images are in flight)
 
 
 def classify(
-    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders.", show_default=False)],
-    recursive: Annotated[bool, typer.Option("--recursive", "-r", help="Also look in sub-folders.")] = False,
+    paths: Annotated[list[Path], typer.Argument(
+        metavar="PATH", show_default=False,
+        help="Image files and/or folders (a folder gives its image files and extensionless DICOM).")],
+    recursive: Annotated[bool, typer.Option(
+        "--recursive", "-r", metavar="", help="Also look in sub-folders (default: only the folder itself).")] = False,
     output: Annotated[Optional[Path], typer.Option(
-        "--output", "-o", help="Write every result to a .csv, .json or .jsonl file.")] = None,
+        "--output", "-o", metavar="FILE",
+        help="Write every result to a .csv, .json or .jsonl file (default: the table on stdout only).")] = None,
     model: Annotated[Optional[Path], typer.Option(
-        "--model", "-m", help="ONNX model exported by xray-edge (default: the shipped model).")] = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per inference call.")] = 8,
-    threads: Annotated[int, typer.Option(min=0, help="onnxruntime threads (0: one per core).")] = 0,
-    workers: Annotated[int, typer.Option(min=0, help="Decoding threads (0: half the cores, 1 to 4).")] = 0,
+        "--model", "-m", metavar="FILE",
+        help="ONNX model exported by xray-edge (default: the model shipped with this install).")] = None,
+    batch_size: Annotated[int, typer.Option(
+        min=1, max=MAX_BATCH_SIZE, clamp=True, metavar="N", show_default=True,
+        help=f"Images per inference call (larger values are capped at {MAX_BATCH_SIZE}).")] = 8,
+    threads: Annotated[int, typer.Option(
+        min=0, metavar="N", show_default=True,
+        help="onnxruntime threads; 0: one per core (capped at the cores available).")] = 0,
+    workers: Annotated[int, typer.Option(
+        min=0, metavar="N", show_default=True,
+        help="Decoding threads; 0: half the cores, 1 to 4 (capped at the cores available).")] = 0,
     resume: Annotated[bool, typer.Option(
-        "--resume", help="Skip files already classified in --output; failed ones are retried.")] = False,
+        "--resume", metavar="",
+        help="Skip files already classified in --output; failed ones are retried (default: start afresh).")] = False,
     max_pixels: Annotated[int, typer.Option(
-        min=1, help="Refuse images with more pixels than this (decompression bombs).")] = DEFAULT_MAX_PIXELS,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+        min=1, metavar="N", show_default=True,
+        help="Refuse images with more pixels than this (decompression bombs).")] = DEFAULT_MAX_PIXELS,
+    quiet: Annotated[bool, typer.Option(
+        "--quiet", "-q", metavar="", help="No progress on stderr (default: progress shown).")] = False,
 ) -> None:
     """Screen chest X-ray images (PNG, JPEG, BMP, TIFF, DICOM) for COVID-19 / viral pneumonia."""
     import cv2
 
     from .contract import ModelContractError
-    from .pipeline import classify_paths
-    from .results import ResultsWriter, make_row, output_format, partial_path
+    from .results import OutputError, check_output, locked, output_format
     from .session import load_model
 
+    for stream in (sys.stdout, sys.stderr):  # never crash on a character the terminal cannot show
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
     cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)  # failures become result rows
     if output is not None:
         try:
             output_format(output)
-        except ValueError as e:
+            check_output(output)
+        except (ValueError, OutputError) as e:
             _usage(str(e))
     elif resume:
         _usage("--resume needs --output (the results file to continue)")
@@ -64,8 +85,9 @@ def classify(
     if model_path is None:
         _usage("no --model given and no model is shipped with this install; create one with "
                "`xray-edge train` then `xray-edge export`, and pass it with --model PATH")
+    cores = available_cores()
     try:
-        loaded = load_model(model_path, threads)
+        loaded = load_model(model_path, min(threads, cores))
     except ModelContractError as e:
         _usage(str(e))
     try:
@@ -73,57 +95,72 @@ def classify(
     except FileNotFoundError as e:
         _usage(f"no such file or folder: {e}")
     for folder, reason in unlisted:
-        typer.echo(f"warning: cannot list folder {folder} ({reason})", err=True)
+        say(f"warning: cannot list folder {folder} ({reason})", err=True)
     if not files:
         where = ", ".join(str(p) for p in paths)
         _usage(f"no images found in {where} (looked for {', '.join(IMAGE_SUFFIXES)}"
                f"{'' if recursive else '; add --recursive for sub-folders'})")
-
-    keep: list[dict[str, Any]] = []
-    if resume:
-        keep, files = _resume(output, loaded, files)
-    elif output is not None and partial_path(output).exists() and not quiet:
-        typer.echo(f"note: replacing {partial_path(output)} left by an unfinished run "
-                   "(use --resume to continue one)", err=True)
     try:
-        writer = ResultsWriter(output, loaded.classes, keep) if output is not None else None
+        with locked(output) if output is not None else nullcontext():
+            rows, kept, elapsed = _run(loaded, files, output, resume, quiet, batch_size,
+                                       min(workers, cores) or None, max_pixels)
+    except OutputError as e:
+        _usage(str(e))
     except OSError as e:
-        _usage(f"cannot write {output} ({e.strerror or e})")
-
-    rows: list[dict[str, Any]] = []
-    start = time.perf_counter()
-    try:
-        with typer.progressbar(length=len(files), label="classifying", file=sys.stderr,
-                               hidden=quiet or not files) as bar:
-            for results in classify_paths(loaded, files, batch_size, workers or None, max_pixels):
-                batch = [make_row(r, loaded) for r in results]
-                if writer is not None:
-                    writer.write(batch)
-                rows.extend(batch)
-                bar.update(len(batch))
-        if writer is not None:
-            writer.publish()
-    except KeyboardInterrupt:
-        if writer is None:
-            typer.echo(f"\ninterrupted after {len(rows)} files", err=True)
-        else:
-            writer.close()
-            typer.echo(f"\ninterrupted: {len(keep) + len(rows)} results kept in {writer.partial}; "
-                       "run the same command with --resume to continue", err=True)
-        raise typer.Exit(130) from None
-    except OSError as e:
-        _usage(f"cannot write {output} ({e.strerror or e})")
-    elapsed = time.perf_counter() - start
+        _usage(f"cannot use {output} ({e.strerror or e})")
 
     failed = sum(r["status"] == "error" for r in rows)
     shown = rows if output is None else rows[:TABLE_LIMIT]
     if shown:
         typer.echo(format_table(shown, loaded.classes, bool(loaded.record.thresholds)))
     if len(shown) < len(rows):
-        typer.echo(f"... {len(rows) - len(shown)} more rows in {output}")
-    typer.echo(summary(rows, elapsed, len(keep), skipped, output))
+        say(f"... {len(rows) - len(shown)} more rows in {output}")
+    say(summary(rows, elapsed, kept, skipped, output))
     typer.echo(DISCLAIMER)
     raise typer.Exit(1 if failed or unlisted else 0)
+
+
+def _run(model: LoadedModel, files: list[str], output: Path | None, resume: bool, quiet: bool, batch_size: int,
+         workers: int | None, max_pixels: int) -> tuple[list[dict[str, Any]], int, float]:
+    """Classify ``files`` (less those an earlier run finished, with --resume), writing rows to
+    ``output`` as they come; returns (rows of this run, rows kept from the earlier one, seconds)."""
+    from .pipeline import classify_paths
+    from .results import ResultsWriter, make_row, partial_path
+
+    keep: list[dict[str, Any]] = []
+    if resume:
+        keep, files = _resume(output, model, files)
+    elif output is not None and partial_path(output).exists() and not quiet:
+        say(f"note: replacing {partial_path(output)} left by an unfinished run (use --resume to continue one)", err=True)
+    writer = ResultsWriter(output, model.classes, keep) if output is not None else None
+    rows: list[dict[str, Any]] = []
+    start = time.perf_counter()
+    try:
+        with Progress(len(files), hidden=quiet) as progress:
+            for results in classify_paths(model, files, batch_size, workers, max_pixels):
+                batch = [make_row(r, model) for r in results]
+                if writer is not None:
+                    writer.write(batch)
+                rows.extend(batch)
+                progress.update(len(batch), sum(r["status"] == "error" for r in batch))
+        if writer is not None:
+            writer.publish()
+    except OSError as e:
+        if writer is None:
+            raise
+        _usage(f"cannot write {output} ({e.strerror or e}); the {len(keep) + len(rows)} results so far are kept "
+               f"in {writer.partial}: make room and run the same command with --resume to continue")
+    except KeyboardInterrupt:
+        if writer is None:
+            say(f"interrupted after {len(rows)} files", err=True)
+        else:
+            say(f"interrupted: {len(keep) + len(rows)} results kept in {writer.partial}; "
+                "run the same command with --resume to continue", err=True)
+        raise typer.Exit(130) from None
+    finally:
+        if writer is not None:
+            writer.close()
+    return rows, len(keep), time.perf_counter() - start
 
 
 def _resume(output: Path, model: LoadedModel, files: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
@@ -139,7 +176,15 @@ def _resume(output: Path, model: LoadedModel, files: list[str]) -> tuple[list[di
         _usage(f"{output} holds results of another model ({', '.join(sorted(others))}), "
                f"not {model.label}; choose another --output")
     done = {os.path.abspath(r["path"]) for r in keep}
-    return keep, [f for f in files if os.path.abspath(f) not in done]
+    return keep, [f for f in files if f not in done]
+
+
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, e.g. under taskset or a cgroup)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:
+        return os.cpu_count() or 1
 
 
 def shipped_model() -> Path | None:
@@ -150,17 +195,18 @@ def shipped_model() -> Path | None:
 
 def find_images(inputs: list[Path], recursive: bool = False) -> tuple[list[str], int, list[tuple[str, str]]]:
     """Files named on the command line are taken as they are; folders give their image files
-    (by suffix, or extensionless DICOM), sorted, hidden ones skipped. Returns (files, number of
-    other files skipped, [(folder, reason)] for folders that could not be listed); raises
-    FileNotFoundError for a path that does not exist."""
+    (by suffix, or extensionless DICOM), sorted, hidden ones skipped. Paths are made absolute
+    (not resolved: a link keeps its own name), so results compare across working folders.
+    Returns (files, number of other files skipped, [(folder, reason)] for folders that could
+    not be listed); raises FileNotFoundError for a path that does not exist."""
     files: list[str] = []
     skipped = 0
     unlisted: list[tuple[str, str]] = []
-    for item in inputs:
-        if not item.is_dir():
-            if not item.exists():
-                raise FileNotFoundError(str(item))
-            files.append(str(item))
+    for item in map(os.path.abspath, inputs):
+        if not os.path.isdir(item):
+            if not os.path.lexists(item):
+                raise FileNotFoundError(item)
+            files.append(item)
             continue
         walk = os.walk(item, onerror=lambda e: unlisted.append((e.filename, e.strerror or str(e))))
         for folder, subfolders, names in walk if recursive else [next(walk, (str(item), [], []))]:
@@ -171,12 +217,7 @@ def find_images(inputs: list[Path], recursive: bool = False) -> tuple[list[str],
                     files.append(path)
                 else:
                     skipped += 1
-    unique, seen = [], set()
-    for f in files:  # the same file named twice is classified once
-        if os.path.abspath(f) not in seen:
-            seen.add(os.path.abspath(f))
-            unique.append(f)
-    return unique, skipped, unlisted
+    return list(dict.fromkeys(files)), skipped, unlisted  # the same file named twice is classified once
 
 
 def _looks_like_image(path: str) -> bool:
@@ -192,22 +233,24 @@ def _looks_like_image(path: str) -> bool:
 
 
 def format_table(rows: list[dict[str, Any]], classes: list[str], with_flagged: bool) -> str:
-    """A fixed-width table: file, prediction, one probability column per class, ms, flagged."""
-    path_w = min(max(len("file"), *(len(r["path"]) for r in rows)), 48)
+    """A fixed-width table: file, prediction, one probability column per class, ms, flagged.
+    File names and errors are escaped with :func:`printable`."""
+    paths = [printable(r["path"]) for r in rows]
+    path_w = min(max(len("file"), *map(len, paths)), 48)
     label_w = max(len("prediction"), *(len(c) for c in classes))
     prob_w = [max(len(c), 5) for c in classes]
     head = [f"{'file':<{path_w}}", f"{'prediction':<{label_w}}", *(f"{c:>{w}}" for c, w in zip(classes, prob_w)),
             f"{'ms':>7}", *(["flagged"] if with_flagged else [])]
     lines = ["  ".join(head)]
-    for r in rows:
-        path = r["path"] if len(r["path"]) <= path_w else "..." + r["path"][-(path_w - 3):]
+    for r, path in zip(rows, paths):
+        path = path if len(path) <= path_w else "..." + path[-(path_w - 3):]
         if r["status"] != "ok":
-            lines.append(f"{path:<{path_w}}  {'ERROR':<{label_w}}  {r['error']}")
+            lines.append(f"{path:<{path_w}}  {'ERROR':<{label_w}}  {printable(r['error'])}")
             continue
-        cells = [f"{path:<{path_w}}", f"{r['label']:<{label_w}}",
+        cells = [f"{path:<{path_w}}", f"{printable(r['label']):<{label_w}}",
                  *(f"{r[f'p_{c}']:>{w}.3f}" for c, w in zip(classes, prob_w)), f"{r['ms']:>7.1f}"]
         if with_flagged:
-            cells.append(",".join(r["flagged"]) or "-")
+            cells.append(printable(",".join(r["flagged"])) or "-")
         lines.append("  ".join(cells))
     return "\n".join(lines)
 
@@ -231,5 +274,5 @@ def summary(rows: list[dict[str, Any]], seconds: float, kept: int, skipped: int,
 
 
 def _usage(message: str) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
+    say(f"error: {message}", err=True)
     raise typer.Exit(2)
