@@ -411,8 +411,8 @@ def _decoder_failure(syntax, error: Exception) -> str:
     except NotImplementedError:
         available = False
     if not available:
-        return ("no decoder for it is installed; install python-gdcm (a dependency of xray-edge) "
-                "or convert the file to uncompressed DICOM")
+        return ("no installed decoder handles it (pydicom's plugins: python-gdcm, installed with xray-edge, "
+                "or pylibjpeg); convert the file to uncompressed DICOM")
     return f"corrupt or unsupported data ({_one_line(error)})"
 
 
