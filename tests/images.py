@@ -204,6 +204,23 @@ def j2k_size_bomb(path: Path) -> Path:
     return write_dicom(path, pixels, bits=12, transfer_syntax=JPEG2000Lossless, frame_data=bytes(frame))
 
 
+def vr_mismatch_dicom(path: Path) -> Path:
+    """A good DICOM whose file meta says explicit VR while its data set is implicit VR: pydicom
+    reads it, with a UserWarning (which must not reach classify's terminal)."""
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset
+
+    data = write_dicom(path, as_uint16(xray_like(40, 36)) >> 4, bits=12).read_bytes()
+    meta_end = 144 + struct.unpack("<I", data[140:144])[0]  # (0002,0000) group length
+    ds = pydicom.dcmread(path)
+    del ds.file_meta
+    buffer = DicomBytesIO()
+    buffer.is_little_endian, buffer.is_implicit_VR = True, True
+    write_dataset(buffer, ds)
+    path.write_bytes(data[:meta_end] + buffer.getvalue())
+    return path
+
+
 def running_as_root() -> bool:
     return hasattr(os, "geteuid") and os.geteuid() == 0
 

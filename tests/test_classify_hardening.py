@@ -19,8 +19,8 @@ from typer.testing import CliRunner
 import xray_edge.pipeline as pipeline_module
 import xray_edge.results as results_module
 import xray_edge.terminal as terminal_module
-from images import (as_uint8, framed_blank, write, write_bad_corpus, write_good_set, write_tricky_names,
-                    xray_like)
+from images import (as_uint8, framed_blank, vr_mismatch_dicom, write, write_bad_corpus, write_good_set,
+                    write_tricky_names, xray_like)
 from tiny_model import make_tiny_onnx, tiny_record
 from xray_edge.cli import app
 from xray_edge.classify import MAX_BATCH_SIZE, available_cores
@@ -89,9 +89,10 @@ CORPUS_CHILD = textwrap.dedent("""
 def test_corpus_gives_one_row_per_file_in_every_format(tmp_path, model_path):
     """Every good file classified, every bad one exactly one error row with its reason, names
     (not UTF-8, line breaks, formulas, escapes) back exactly, also through --resume; no
-    traceback, no hang, exit 1, nothing unescaped on the terminal."""
+    traceback, no hang, no pydicom warning, exit 1, nothing unescaped on the terminal."""
     folder = tmp_path / "inbox"
     good = [p.name for p in write_good_set(folder)] + write_tricky_names(folder)
+    good.append(vr_mismatch_dicom(folder / "vr-mismatch.dcm").name)  # pydicom warns reading it
     bad = write_bad_corpus(folder)
     write(folder / "border-only.png", framed_blank())
     bad["border-only.png"] = "no image content"
@@ -106,7 +107,7 @@ def test_corpus_gives_one_row_per_file_in_every_format(tmp_path, model_path):
     for out, first, resumed in zip(outputs, report[::2], report[1::2]):
         for r in (first, resumed):
             assert r["code"] == 1 and r["exception"] is None, r
-            assert "Traceback" not in r["stdout"] + r["stderr"]
+            assert "Traceback" not in r["stdout"] + r["stderr"] and "Warning" not in r["stderr"], r["stderr"]
             assert not any(c in r["stdout"] for c in "\x1b\r"), "raw control characters on the terminal"
         assert f"{len(good)} already done" in resumed["stdout"]
         assert f"0 classified, {len(bad)} failed" in resumed["stdout"]  # failed ones retried, good ones kept
