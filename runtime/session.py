@@ -1,7 +1,8 @@
-"""Load an xray-edge ONNX model with onnxruntime and turn input batches into probabilities.
+"""Load an xray-edge ONNX model with onnxruntime and turn input batches into predictions.
 
-The model's metadata record (classes, preprocessing, temperature, thresholds) is read from the
-file itself; a model without a valid record, or whose input/output does not match it, is refused.
+The model's metadata record (classes, preprocessing, outputs, temperature, rules) is read from
+the file itself and checked: a model without a valid record, whose record or graph was altered
+after export (digests), or whose inputs/outputs do not match the record is refused.
 
 Privacy: onnxruntime's telemetry is switched off. Its official builds for Linux queue events
 (device id, executable path, model file name, error text) in ~/.cache/Microsoft/DeveloperTools/
@@ -11,10 +12,12 @@ it (no uploader, device id or event queue is created); ``disable_telemetry_event
 before every session as well, for a process that loaded onnxruntime before xray-edge.
 
     model = load_model("model.onnx", threads=4)
-    probs = predict_proba(model, batch)   # batch: (N, S, S, 1) float32 from preprocess()
+    out = predict(model, batch)            # batch: (N, S, S, 1) float32 from preprocess()
+    out.probs, out.age, out.ood, out.cam   # age/ood/cam: None where the model has no such output
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,10 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from .contract import ModelContractError, ModelRecord, record_from_metadata
+from .contract import AGE_GROUPS, ModelContractError, ModelRecord, check_seal, onnx_graph_bytes, record_from_metadata
+from .files import FileTooLarge, read_regular
+
+MAX_MODEL_BYTES = 1 << 30  # no xray-edge model comes near 1 GiB
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,7 @@ class LoadedModel:
     session: ort.InferenceSession
     record: ModelRecord
     path: Path
+    sha256: str
 
     @property
     def classes(self) -> list[str]:
@@ -44,29 +51,55 @@ class LoadedModel:
         return f"{r.model_name} {r.model_version} {r.variant}"
 
 
-def load_model(path: str | os.PathLike, threads: int = 0) -> LoadedModel:
+@dataclass(frozen=True)
+class Prediction:
+    """Everything the model says about a batch (None where the model has no such output)."""
+
+    probs: np.ndarray  # (N, C) float64 class probabilities, softmax(logits / T)
+    age: np.ndarray | None  # (N, len(AGE_GROUPS)) float64 age-group probabilities
+    ood: np.ndarray | None  # (N,) float64 distance of the image's features to the training data
+    cam: np.ndarray | None  # (N, h, w, C) float32 Grad-CAM maps (only when asked for)
+
+
+def load_model(path: str | os.PathLike, threads: int = 0, expected_sha256: str | None = None) -> LoadedModel:
     """Open ``path`` on the CPU with ``threads`` intra-op threads (0: onnxruntime's default, one
-    per physical core). Raises ModelContractError with a one-line reason if it cannot be used."""
+    per physical core). ``expected_sha256`` pins the file's bytes (the shipped model's is checked
+    this way). Raises ModelContractError with a one-line reason if it cannot be used."""
     path = Path(path)
-    if not path.is_file():
-        raise ModelContractError(f"{path}: model file not found")
+    try:
+        data = read_regular(path, MAX_MODEL_BYTES)  # hashed, checked and loaded from the same bytes
+    except FileNotFoundError:
+        raise ModelContractError(f"{path}: model file not found") from None
+    except FileTooLarge as e:
+        raise ModelContractError(f"{path}: {e.size / 2**20:.0f} MiB is too large for an xray-edge model") from None
+    except OSError as e:
+        raise ModelContractError(f"{path}: cannot read model file ({e.strerror or e})") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if expected_sha256 is not None and digest != expected_sha256:
+        raise ModelContractError(f"{path}: sha256 {digest[:12]}... is not the shipped model's "
+                                 f"{expected_sha256[:12]}... (file damaged or replaced); reinstall xray-edge")
     ort.disable_telemetry_events()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only; problems are reported as exceptions
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types for bad files
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
         raise ModelContractError(f"{path}: not a loadable ONNX model ({reason})") from None
     record = record_from_metadata(session.get_modelmeta().custom_metadata_map, source=str(path))
+    check_seal(record, onnx_graph_bytes(data), str(path))
     check_io(session, record, str(path))
-    return LoadedModel(session, record, path)
+    if record.preprocessing.lung_crop is not None:
+        from .lungs import lung_finder
+
+        lung_finder(record.preprocessing.lung_crop)  # the recipe's lung model: present and the pinned file
+    return LoadedModel(session, record, path, digest)
 
 
 def check_io(session: ort.InferenceSession, record: ModelRecord, source: str) -> None:
-    """Refuse a model whose graph input/output does not match its record."""
+    """Refuse a model whose graph inputs/outputs do not match its record."""
     inputs = session.get_inputs()
     if len(inputs) != 1 or inputs[0].name != record.input_name:
         names = [i.name for i in inputs]
@@ -74,18 +107,23 @@ def check_io(session: ort.InferenceSession, record: ModelRecord, source: str) ->
     shape = list(inputs[0].shape)
     if len(shape) != 4 or shape[1:] != record.input_shape[1:]:
         raise ModelContractError(f"{source}: model input shape {shape} does not match the record's {record.input_shape}")
-    outputs = {o.name: o for o in session.get_outputs()}
-    if record.output_name not in outputs:
-        raise ModelContractError(f"{source}: model has no output '{record.output_name}' (has {sorted(outputs)})")
-    out_shape = outputs[record.output_name].shape
-    if len(out_shape) != 2 or (isinstance(out_shape[1], int) and out_shape[1] != len(record.classes)):
-        raise ModelContractError(
-            f"{source}: output shape {out_shape} does not fit {len(record.classes)} classes {record.classes}"
-        )
+    outputs = {o.name: o.shape for o in session.get_outputs()}
+    n = len(record.classes)
+    expected = {record.outputs.logits: (2, n), record.outputs.age_logits: (2, len(AGE_GROUPS)),
+                record.outputs.ood_distance: (1, None), record.outputs.cam: (4, n)}
+    for name, (rank, last) in expected.items():
+        if name is None:
+            continue
+        if name not in outputs:
+            raise ModelContractError(f"{source}: model has no output '{name}' (has {sorted(outputs)})")
+        shape = outputs[name]
+        if len(shape) != rank or (last is not None and isinstance(shape[-1], int) and shape[-1] != last):
+            raise ModelContractError(f"{source}: output '{name}' has shape {shape}, not the record's "
+                                     f"rank {rank}{f' with {last} at the end' if last else ''}")
 
 
-def predict_logits(model: LoadedModel, batch: np.ndarray) -> np.ndarray:
-    """Run the model on a (N, S, S, 1) float32 batch; returns its raw (N, C) output.
+def run_outputs(model: LoadedModel, batch: np.ndarray, names: list[str]) -> list[np.ndarray]:
+    """Run the model on a (N, S, S, 1) float32 batch; returns the named raw outputs.
 
     A model exported with a fixed batch size is fed in chunks of that size (last one padded)."""
     size = model.record.preprocessing.size
@@ -94,22 +132,41 @@ def predict_logits(model: LoadedModel, batch: np.ndarray) -> np.ndarray:
         raise ValueError(f"expected a batch of shape (N, {size}, {size}, 1), got {batch.shape}")
     fixed = model.session.get_inputs()[0].shape[0]
     step = fixed if isinstance(fixed, int) and fixed > 0 else max(len(batch), 1)
-    out = []
-    for start in range(0, len(batch), step):
+    parts: list[list[np.ndarray]] = [[] for _ in names]
+    for start in range(0, max(len(batch), 1), step):
         chunk = batch[start : start + step]
         n = len(chunk)
         if n < step:
             chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), np.float32)])
-        out.append(model.session.run([model.record.output_name], {model.record.input_name: chunk})[0][:n])
-    return np.concatenate(out) if out else np.zeros((0, len(model.record.classes)), np.float32)
+        for part, out in zip(parts, model.session.run(names, {model.record.input_name: chunk})):
+            part.append(out[:n])
+    return [np.concatenate(p) for p in parts]
+
+
+def predict_logits(model: LoadedModel, batch: np.ndarray) -> np.ndarray:
+    """The raw (N, C) class output of the model."""
+    return run_outputs(model, batch, [model.record.outputs.logits])[0]
+
+
+def predict(model: LoadedModel, batch: np.ndarray, cam: bool = False) -> Prediction:
+    """Class and age-group probabilities, gate distance and (if ``cam``) Grad-CAM maps."""
+    o = model.record.outputs
+    names = [o.logits] + [n for n in (o.age_logits, o.ood_distance) if n] + ([o.cam] if cam and o.cam else [])
+    got = dict(zip(names, run_outputs(model, batch, names)))
+    logits = got[o.logits]
+    if model.record.output_kind == "probabilities":
+        logits = np.log(np.clip(logits.astype(np.float64), 1e-12, None))
+    return Prediction(
+        probs=softmax(logits, model.record.temperature),
+        age=softmax(got[o.age_logits]) if o.age_logits else None,
+        ood=np.asarray(got[o.ood_distance], np.float64).reshape(len(batch)) if o.ood_distance else None,
+        cam=got.get(o.cam) if cam else None,
+    )
 
 
 def predict_proba(model: LoadedModel, batch: np.ndarray) -> np.ndarray:
     """Class probabilities (N, C) float64: softmax(logits / record.temperature)."""
-    out = predict_logits(model, batch)
-    if model.record.output_kind == "probabilities":
-        out = np.log(np.clip(out.astype(np.float64), 1e-12, None))
-    return softmax(out, model.record.temperature)
+    return predict(model, batch).probs
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:

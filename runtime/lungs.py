@@ -1,0 +1,82 @@
+"""The lung-field crop of a recipe that has one (``contract.LungCrop``): a small segmentation
+model, shipped in ``xray_edge.models`` and pinned by sha256 in the classifier's record, finds the
+lungs; the image is cropped to their bounding box (plus a margin) before the rest of the recipe.
+
+The segmentation model maps (N, size, size, 1) grey in [0, 1] (area-resized, percentile-stretched
+0.5-99.5) to lung probabilities of the same shape. Its own record (``xray_edge.lung_record``
+metadata) says how it was trained and checked."""
+from __future__ import annotations
+
+import functools
+import hashlib
+from importlib import resources
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .contract import LungCrop, ModelContractError
+from .preprocess import LungBox, normalise_intensity
+
+LUNG_RECORD_KEY = "xray_edge.lung_record"
+
+
+def model_input(grey: np.ndarray, size: int) -> np.ndarray:
+    """(size, size, 1) float32 input of the segmentation model for a grey image in [0, 1]."""
+    small = cv2.resize(grey.astype(np.float32, copy=False), (size, size), interpolation=cv2.INTER_AREA)
+    return normalise_intensity(small, 0.5, 99.5)[:, :, None]
+
+
+def lung_mask(probs: np.ndarray, threshold: float) -> np.ndarray:
+    """The two largest connected regions at or above ``threshold`` (the lungs), as a bool mask."""
+    binary = (probs >= threshold).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    keep = 1 + np.argsort(stats[1:, cv2.CC_STAT_AREA])[::-1][:2] if n > 1 else []
+    return np.isin(labels, keep)
+
+
+def box_of(mask: np.ndarray, shape: tuple[int, int], spec: LungCrop) -> tuple[int, int, int, int] | None:
+    """(top, bottom, left, right) in an image of ``shape`` of the mask's bounding box widened by
+    ``spec.margin``; None when the mask covers less than ``spec.min_area`` (no lungs found)."""
+    if mask.mean() < spec.min_area:
+        return None
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    size = mask.shape[0]
+    top, bottom, left, right = rows[0] / size, (rows[-1] + 1) / size, cols[0] / size, (cols[-1] + 1) / size
+    dy, dx = spec.margin * (bottom - top), spec.margin * (right - left)
+    h, w = shape
+    return (int(max(0.0, top - dy) * h), int(np.ceil(min(1.0, bottom + dy) * h)),
+            int(max(0.0, left - dx) * w), int(np.ceil(min(1.0, right + dx) * w)))
+
+
+def model_path(spec: LungCrop) -> Path:
+    return Path(str(resources.files("xray_edge.models") / spec.model))
+
+
+@functools.lru_cache(maxsize=4)
+def _session(path: str, sha256: str):
+    import onnxruntime as ort
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as e:
+        raise ModelContractError(f"{path}: the recipe's lung model cannot be read ({e.strerror or e})") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise ModelContractError(f"{path}: the lung model's sha256 is not the one the classifier's record names")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # runs inside the decode workers, beside the classifier's threads
+    options.log_severity_level = 3
+    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def lung_finder(spec: LungCrop, path: Path | None = None) -> LungBox:
+    """The function grey image -> lung box (or None) of the recipe's lung model (default: the one
+    shipped in xray_edge.models); ModelContractError if it is missing or not the pinned file."""
+    session = _session(str(path or model_path(spec)), spec.sha256)
+    name = session.get_inputs()[0].name
+
+    def find(grey: np.ndarray) -> tuple[int, int, int, int] | None:
+        probs = session.run(None, {name: model_input(grey, spec.size)[None]})[0][0, :, :, 0]
+        return box_of(lung_mask(probs, spec.threshold), grey.shape[:2], spec)
+
+    return find
