@@ -88,7 +88,7 @@ def read_results(path: Path) -> dict[str, Row]:
             probs = {k[2:]: float(v) for k, v in r.items() if k.startswith("p_") and v != ""}
         except ValueError:
             raise ValueError(f"{path}: {name}: probabilities are not numbers") from None
-        out[name] = Row(r.get("status", ""), probs, r.get("model", ""), r.get("error", ""))
+        out[name] = Row(r.get("status", ""), probs, r.get("model", ""), r.get("reason", ""))
     return out
 
 
@@ -114,7 +114,7 @@ def output_level_tolerance(model_path: Path) -> tuple[float, str] | None:
         return None
     init = {t.name: t for t in model.graph.initializer}
     for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and record.output_name in node.output and node.input[1] in init:
+        if node.op_type == "DequantizeLinear" and record.outputs.logits in node.output and node.input[1] in init:
             scale = numpy_helper.to_array(init[node.input[1]])
             if scale.size == 1:
                 s, t = float(scale.reshape(())), record.temperature

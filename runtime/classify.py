@@ -2,20 +2,24 @@
 
 Prints a table (and a disclaimer) on stdout, progress on stderr (a bar on a terminal, plain
 lines otherwise), and optionally writes every result to ``--output`` (.csv, .json or .jsonl),
-synced per batch and published atomically, so ``--resume`` can finish a run that was killed.
-Exit codes: 0 all files classified, 1 some failed, 2 nothing run or results could not be
-saved (one ``error:`` line on stderr), 130 interrupted.
+synced per batch and published atomically, so ``--resume`` can finish a run that was killed;
+``--heatmaps DIR`` writes a picture per image, ``--report FILE.html`` a visual report. Each
+image's decision comes from the model record's rules (``decision.decide``).
+Exit codes: 0 every file got a decision, 1 some could not be read or were rejected by the input
+gate, 2 nothing run or results could not be saved (one ``error:`` line on stderr), 130 interrupted.
 """
 from __future__ import annotations
 
 import os
 import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
+import numpy as np
 import typer
 
 from .decode import DEFAULT_MAX_PIXELS, DICOM_SUFFIXES, is_dicom
@@ -23,10 +27,13 @@ from .files import read_head
 from .terminal import Progress, printable, say
 
 if TYPE_CHECKING:
+    from .pipeline import Result
+    from .report import Gallery
     from .session import LoadedModel
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *DICOM_SUFFIXES)
 SHIPPED_MODEL = "xray-edge-vgg19-int8.onnx"
+SHIPPED_PIN = "shipped.json"  # {file name: sha256} of the models installed with the package
 DISCLAIMER = "xray-edge is a research screening aid, not a diagnostic device: every result needs a clinician."
 TABLE_LIMIT = 50  # rows shown on the terminal when the full results go to --output
 MAX_BATCH_SIZE = 64  # more only multiplies memory (batch_size x 3 images are in flight)
@@ -59,6 +66,14 @@ def classify(
     max_pixels: Annotated[int, typer.Option(
         min=1, metavar="N", show_default=True,
         help="Refuse images with more pixels than this (decompression bombs).")] = DEFAULT_MAX_PIXELS,
+    heatmaps: Annotated[Optional[Path], typer.Option(
+        "--heatmaps", metavar="DIR",
+        help="Write one PNG per classified image into DIR: what the model saw, with the heatmap of the most "
+             "likely class and its label and probability (default: none).")] = None,
+    report: Annotated[Optional[Path], typer.Option(
+        "--report", metavar="FILE.html",
+        help="Write a self-contained visual report (summary, pictures, probabilities, decisions, "
+             "rejected and failed files) (default: none).")] = None,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", metavar="", help="No progress on stderr (default: progress shown).")] = False,
 ) -> None:
@@ -66,6 +81,8 @@ def classify(
     import cv2
 
     from .contract import ModelContractError
+    from .files import write_atomic
+    from .report import Gallery, render
     from .results import OutputError, check_output, locked, output_format
     from .session import load_model
 
@@ -81,15 +98,20 @@ def classify(
             _usage(str(e))
     elif resume:
         _usage("--resume needs --output (the results file to continue)")
-    model_path = model or shipped_model()
-    if model_path is None:
+    shipped = None if model else shipped_model()
+    if model is None and shipped is None:
         _usage("no --model given and no model is shipped with this install; create one with "
                "`xray-edge train` then `xray-edge export`, and pass it with --model PATH")
+    model_path, pinned = (model, None) if model else shipped
     cores = available_cores()
     try:
-        loaded = load_model(model_path, min(threads, cores))
+        loaded = load_model(model_path, min(threads, cores), expected_sha256=pinned)
     except ModelContractError as e:
         _usage(str(e))
+    if (heatmaps or report) and (loaded.record.outputs.cam is None or loaded.record.heatmap is None):
+        _usage(f"{model_path} has no heatmap output (cam); --heatmaps and --report need a model exported with one")
+    if report is not None and (report.suffix.lower() not in (".html", ".htm") or report.is_dir()):
+        _usage(f"--report must name an .html file, got '{report}'")
     try:
         files, skipped, unlisted = find_images(paths, recursive)
     except FileNotFoundError as e:
@@ -100,32 +122,38 @@ def classify(
         where = ", ".join(str(p) for p in paths)
         _usage(f"no images found in {where} (looked for {', '.join(IMAGE_SUFFIXES)}"
                f"{'' if recursive else '; add --recursive for sub-folders'})")
+    gallery = Gallery(loaded.record) if report is not None else None
     try:
         with locked(output) if output is not None else nullcontext():
             rows, kept, elapsed = _run(loaded, files, output, resume, quiet, batch_size,
-                                       min(workers, cores) or None, max_pixels)
+                                       min(workers, cores) or None, max_pixels, heatmaps, gallery)
+            if gallery is not None:
+                html = render(kept + rows, gallery.pictures(), loaded.record, loaded.label, DISCLAIMER)
+                write_atomic(report, html.encode("utf-8", "surrogateescape"))
     except OutputError as e:
         _usage(str(e))
     except OSError as e:
-        _usage(f"cannot use {output} ({e.strerror or e})")
+        _usage(f"cannot write results ({e.strerror or e}: {e.filename or output})")
 
-    failed = sum(r["status"] == "error" for r in rows)
+    not_classified = sum(r["status"] != "ok" for r in rows)
     shown = rows if output is None else rows[:TABLE_LIMIT]
     if shown:
-        typer.echo(format_table(shown, loaded.classes, bool(loaded.record.thresholds)))
+        typer.echo(format_table(shown, loaded.classes))
     if len(shown) < len(rows):
         say(f"... {len(rows) - len(shown)} more rows in {output}")
-    say(summary(rows, elapsed, kept, skipped, output))
+    say(summary(rows, elapsed, kept, skipped, output, heatmaps, report))
     typer.echo(DISCLAIMER)
-    raise typer.Exit(1 if failed or unlisted else 0)
+    raise typer.Exit(1 if not_classified or unlisted else 0)
 
 
 def _run(model: LoadedModel, files: list[str], output: Path | None, resume: bool, quiet: bool, batch_size: int,
-         workers: int | None, max_pixels: int) -> tuple[list[dict[str, Any]], int, float]:
+         workers: int | None, max_pixels: int, heatmaps: Path | None,
+         gallery: Gallery | None) -> tuple[list[dict[str, Any]], list[dict[str, Any]], float]:
     """Classify ``files`` (less those an earlier run finished, with --resume), writing rows to
-    ``output`` as they come; returns (rows of this run, rows kept from the earlier one, seconds)."""
+    ``output`` and pictures to ``heatmaps`` / ``gallery`` as they come; returns (rows of this run,
+    rows kept from the earlier one, seconds)."""
     from .pipeline import classify_paths
-    from .results import ResultsWriter, make_row, partial_path
+    from .results import ResultsWriter, partial_path
 
     keep: list[dict[str, Any]] = []
     if resume:
@@ -137,12 +165,13 @@ def _run(model: LoadedModel, files: list[str], output: Path | None, resume: bool
     start = time.perf_counter()
     try:
         with Progress(len(files), hidden=quiet) as progress:
-            for results in classify_paths(model, files, batch_size, workers, max_pixels):
-                batch = [make_row(r, model) for r in results]
+            for results in classify_paths(model, files, batch_size, workers, max_pixels,
+                                          cam=heatmaps is not None or gallery is not None):
+                batch = [_row(r, model, heatmaps, gallery) for r in results]
                 if writer is not None:
                     writer.write(batch)
                 rows.extend(batch)
-                progress.update(len(batch), sum(r["status"] == "error" for r in batch))
+                progress.update(len(batch), sum(r["status"] != "ok" for r in batch))
         if writer is not None:
             writer.publish()
     except OSError as e:
@@ -160,15 +189,36 @@ def _run(model: LoadedModel, files: list[str], output: Path | None, resume: bool
     finally:
         if writer is not None:
             writer.close()
-    return rows, len(keep), time.perf_counter() - start
+    return rows, keep, time.perf_counter() - start
+
+
+def _row(result: Result, model: LoadedModel, heatmaps: Path | None, gallery: Gallery | None) -> dict[str, Any]:
+    """One file's results row, by the record's rules; its heatmap picture written to ``heatmaps``
+    and kept for the report when asked for (classified images only)."""
+    from .decision import decide
+    from .heatmap import caption, overlay, png_bytes, save
+    from .results import make_row
+
+    decision = decide(model.record, result.probs, result.age, result.ood) if result.ok else None
+    if decision is None or decision.decision == "rejected" or result.cam is None:
+        return make_row(result, model, decision)
+    k = model.classes.index(decision.label)
+    picture = png_bytes(overlay(result.image, result.cam[..., k],
+                                caption(decision.label, float(result.probs[k]), decision.decision), model.record.heatmap))
+    saved = str(save(heatmaps, result.path, picture)) if heatmaps is not None else ""
+    row = make_row(result, model, decision, saved)
+    if gallery is not None:
+        gallery.add(row, png_bytes(np.round(result.image[..., 0] * 255).astype(np.uint8)), picture)
+    return row
 
 
 def _resume(output: Path, model: LoadedModel, files: list[str]) -> tuple[list[dict[str, Any]], list[str]]:
-    """(ok rows of the earlier run into ``output``, files still to do); failed rows are retried."""
+    """(rows of the earlier run into ``output`` that got a decision, files still to do); files that
+    could not be read are retried."""
     from .results import ResumeError, read_previous
 
     try:
-        keep = [r for r in read_previous(output, model.classes) if r["status"] == "ok"]
+        keep = [r for r in read_previous(output, model.classes) if r["status"] != "error"]
     except ResumeError as e:
         _usage(str(e))
     others = {r["model"] for r in keep} - {model.label}
@@ -187,10 +237,17 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def shipped_model() -> Path | None:
-    """The model installed with the package (xray_edge.models), if there is one."""
-    resource = resources.files("xray_edge.models") / SHIPPED_MODEL
-    return Path(str(resource)) if resource.is_file() else None
+def shipped_model() -> tuple[Path, str | None] | None:
+    """The model installed with the package (xray_edge.models) and its pinned sha256, if there is one."""
+    import json
+
+    folder = resources.files("xray_edge.models")
+    resource = folder / SHIPPED_MODEL
+    if not resource.is_file():
+        return None
+    pin = folder / SHIPPED_PIN
+    pins = json.loads(pin.read_text()) if pin.is_file() else {}
+    return Path(str(resource)), pins.get(SHIPPED_MODEL)
 
 
 def find_images(inputs: list[Path], recursive: bool = False) -> tuple[list[str], int, list[tuple[str, str]]]:
@@ -232,44 +289,48 @@ def _looks_like_image(path: str) -> bool:
         return True  # let it fail with its reason in the results
 
 
-def format_table(rows: list[dict[str, Any]], classes: list[str], with_flagged: bool) -> str:
-    """A fixed-width table: file, prediction, one probability column per class, ms, flagged.
-    File names and errors are escaped with :func:`printable`."""
+def format_table(rows: list[dict[str, Any]], classes: list[str]) -> str:
+    """A fixed-width table: file, decision, most likely class, one probability column per class,
+    ms, flagged findings (';'-separated, as in the CSV) and a '!' where the row has a warning.
+    Rejected and failed files show their reason. File names and reasons are escaped with
+    :func:`printable`."""
     paths = [printable(r["path"]) for r in rows]
     path_w = min(max(len("file"), *map(len, paths)), 48)
     label_w = max(len("prediction"), *(len(c) for c in classes))
     prob_w = [max(len(c), 5) for c in classes]
-    head = [f"{'file':<{path_w}}", f"{'prediction':<{label_w}}", *(f"{c:>{w}}" for c, w in zip(classes, prob_w)),
-            f"{'ms':>7}", *(["flagged"] if with_flagged else [])]
+    head = [f"{'file':<{path_w}}", f"{'decision':<9}", f"{'prediction':<{label_w}}",
+            *(f"{c:>{w}}" for c, w in zip(classes, prob_w)), f"{'ms':>7}", "flagged"]
     lines = ["  ".join(head)]
     for r, path in zip(rows, paths):
         path = path if len(path) <= path_w else "..." + path[-(path_w - 3):]
         if r["status"] != "ok":
-            lines.append(f"{path:<{path_w}}  {'ERROR':<{label_w}}  {printable(r['error'])}")
+            lines.append(f"{path:<{path_w}}  {r['decision'].upper():<9}  {printable(r['reason'])}")
             continue
-        cells = [f"{path:<{path_w}}", f"{printable(r['label']):<{label_w}}",
-                 *(f"{r[f'p_{c}']:>{w}.3f}" for c, w in zip(classes, prob_w)), f"{r['ms']:>7.1f}"]
-        if with_flagged:
-            cells.append(printable(",".join(r["flagged"])) or "-")
+        cells = [f"{path:<{path_w}}", f"{r['decision']:<9}", f"{printable(r['label']):<{label_w}}",
+                 *(f"{r[f'p_{c}']:>{w}.3f}" for c, w in zip(classes, prob_w)), f"{r['ms']:>7.1f}",
+                 (printable(";".join(r["flagged"])) or "-") + (" !" if r["warning"] else "")]
         lines.append("  ".join(cells))
+    if any(r.get("warning") for r in rows):
+        lines.append("! warning: " + "; ".join(sorted({printable(r["warning"]) for r in rows if r.get("warning")})))
     return "\n".join(lines)
 
 
-def summary(rows: list[dict[str, Any]], seconds: float, kept: int, skipped: int, output: Path | None) -> str:
-    ok = [r for r in rows if r["status"] == "ok"]
-    counts: dict[str, int] = {}
-    for r in ok:
-        counts[r["label"]] = counts.get(r["label"], 0) + 1
-    parts = [f"{len(ok)} classified, {len(rows) - len(ok)} failed in {seconds:.1f} s"
+def summary(rows: list[dict[str, Any]], seconds: float, kept: list[dict[str, Any]], skipped: int,
+            output: Path | None, heatmaps: Path | None = None, report: Path | None = None) -> str:
+    counts = Counter(r["decision"] for r in rows)
+    labels = Counter(r["label"] for r in rows if r["status"] == "ok")
+    parts = [f"{counts['positive'] + counts['negative'] + counts['uncertain']} classified "
+             f"({', '.join(f'{counts[d]} {d}' for d in ('positive', 'uncertain', 'negative'))}), "
+             f"{counts['rejected']} rejected, {counts['error']} failed in {seconds:.1f} s"
              + (f" ({len(rows) / seconds:.1f} images/s)" if rows and seconds > 0 else "")]
-    if counts:
-        parts.append("predicted " + ", ".join(f"{label} {n}" for label, n in sorted(counts.items())))
+    if labels:
+        parts.append("most likely " + ", ".join(f"{label} {n}" for label, n in sorted(labels.items())))
     if kept:
-        parts.append(f"{kept} already done in {output} (resumed)")
+        parts.append(f"{len(kept)} already done in {output} (resumed)")
     if skipped:
         parts.append(f"{skipped} non-image files skipped")
-    if output is not None:
-        parts.append(f"results: {output}")
+    parts += [f"{what}: {path}" for what, path in (("results", output), ("heatmaps", heatmaps), ("report", report))
+              if path is not None]
     return "; ".join(parts)
 
 

@@ -1,16 +1,23 @@
-"""Read a file without being led astray by what sits at its name.
+"""Read and write files without being led astray by what sits at their names.
 
 Only regular files are read: a FIFO would block forever, a device can have side effects when
 opened (a tape rewinds, a watchdog arms) and a socket cannot be read at all. The kind is checked
 before opening, the file is opened non-blocking (so a FIFO swapped in meanwhile cannot block) and
 checked again on the open descriptor, and at most the size it had when opened is read.
+
+Files are written only as new, randomly named files (``mkstemp``: O_EXCL, never an existing file
+or a planted link) beside their target, synced, then renamed over it (``create``,
+``write_atomic``): a reader sees the old file or the whole new one, and a symbolic link at the
+target name is replaced, never written through.
 """
 from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from pathlib import Path
 
 _KINDS = ((stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"), (stat.S_ISCHR, "character device"),
           (stat.S_ISBLK, "block device"), (stat.S_ISDIR, "folder"), (stat.S_ISLNK, "symbolic link"))
@@ -81,3 +88,49 @@ def _read(fd: int, size: int) -> bytes:
         chunks.append(chunk)
         left -= len(chunk)
     return b"".join(chunks)
+
+
+def new_file_mode() -> int:
+    """The mode an ordinary new file gets here (0666 less the umask); mkstemp's is 0600."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def create(path: Path, data: bytes, mode: int) -> int:
+    """Write ``data`` to a new, randomly named file beside ``path`` (O_EXCL: never an existing
+    file or link), sync it, rename it over ``path`` and return its open descriptor."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        write_all(fd, data)
+        os.fsync(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        os.close(fd)
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _sync_folder(path.parent)
+    return fd
+
+
+def write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _sync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` survive a power cut."""
+    with suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Replace ``path`` with a file holding ``data`` (see the module docstring)."""
+    os.close(create(Path(path), data, new_file_mode()))

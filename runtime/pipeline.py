@@ -1,5 +1,5 @@
-"""From image files to class probabilities: decode + preprocess in a thread pool, running ahead
-of inference (OpenCV and onnxruntime release the GIL), then batched through the model.
+"""From image files to model outputs: decode + preprocess in a thread pool, running ahead of
+inference (OpenCV and onnxruntime release the GIL), then batched through the model.
 
     for results in classify_paths(model, paths, batch_size=8):
         ...  # one list of Result per batch, in input order; bad files come back as errors
@@ -19,8 +19,9 @@ import numpy as np
 
 from .contract import Preprocessing
 from .decode import DEFAULT_MAX_PIXELS, DecodeError, read_image
+from .lungs import lung_finder
 from .preprocess import preprocess
-from .session import LoadedModel, predict_proba
+from .session import LoadedModel, predict
 
 PREFETCH_BATCHES = 2  # batches decoded ahead of the one being run through the model
 
@@ -37,12 +38,16 @@ class Prepared:
 
 @dataclass
 class Result:
-    """One file's outcome: class probabilities, or the reason it failed."""
+    """One file's outcome: the model's outputs for it, or the reason it failed."""
 
     path: str
     probs: np.ndarray | None  # (C,) float64; None on error
     error: str  # "" when ok
     ms: float  # decode + preprocess + this file's share of its batch's inference time
+    age: np.ndarray | None = None  # (len(AGE_GROUPS),) age-group probabilities, if the model has them
+    ood: float | None = None  # gate distance, if the model has one
+    cam: np.ndarray | None = None  # (h, w, C) Grad-CAM maps, when asked for
+    image: np.ndarray | None = None  # the (S, S, 1) model input, when the maps were asked for
 
     @property
     def ok(self) -> bool:
@@ -55,10 +60,12 @@ def default_workers() -> int:
 
 
 def prepare(path: str | os.PathLike, spec: Preprocessing, max_pixels: int = DEFAULT_MAX_PIXELS) -> Prepared:
-    """Decode and preprocess one file; never raises."""
+    """Decode and preprocess one file; never raises (a recipe's lung model that cannot be loaded
+    is refused earlier, by ``session.load_model``)."""
     start = time.perf_counter()
     try:
-        image = preprocess(read_image(path, max_pixels), spec)
+        lung_box = lung_finder(spec.lung_crop) if spec.lung_crop is not None else None
+        image = preprocess(read_image(path, max_pixels), spec, lung_box)
         error = ""
     except DecodeError as e:
         image, error = None, str(e)
@@ -97,28 +104,32 @@ def prepared_batches(paths: Iterable[str | os.PathLike], spec: Preprocessing, ba
 
 
 def classify_paths(model: LoadedModel, paths: Iterable[str | os.PathLike], batch_size: int = 8,
-                   workers: int | None = None,
-                   max_pixels: int = DEFAULT_MAX_PIXELS) -> Iterator[list[Result]]:
-    """Yield one list of Result per batch, in input order. A batch the model fails on comes
-    back as error results; the run goes on."""
+                   workers: int | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                   cam: bool = False) -> Iterator[list[Result]]:
+    """Yield one list of Result per batch, in input order. With ``cam`` each result also carries
+    its Grad-CAM maps and model input (for heatmaps). A batch the model fails on comes back as
+    error results; the run goes on."""
     spec = model.record.preprocessing
     for batch in prepared_batches(paths, spec, batch_size, workers, max_pixels):
         ready = [p for p in batch if p.image is not None]
-        probs, failure, share = None, "", 0.0
+        out, failure, share = None, "", 0.0
         if ready:
             start = time.perf_counter()
             try:
-                probs = predict_proba(model, np.stack([p.image for p in ready]))
+                out = predict(model, np.stack([p.image for p in ready]), cam=cam)
             except Exception as e:
                 failure = f"inference failed ({type(e).__name__}: {str(e).strip()[:200]})"
             share = (time.perf_counter() - start) * 1000 / len(ready)
-        rows = iter(probs) if probs is not None else iter(())
-        results = []
+        results, k = [], 0
         for p in batch:
             if p.image is None:
                 results.append(Result(p.path, None, p.error, p.ms))
-            elif probs is None:
+            elif out is None:
                 results.append(Result(p.path, None, failure, p.ms + share))
             else:
-                results.append(Result(p.path, next(rows), "", p.ms + share))
+                results.append(Result(p.path, out.probs[k], "", p.ms + share,
+                                      age=None if out.age is None else out.age[k],
+                                      ood=None if out.ood is None else float(out.ood[k]),
+                                      cam=None if out.cam is None else out.cam[k], image=p.image if cam else None))
+                k += 1
         yield results

@@ -29,15 +29,13 @@ import json
 import os
 import stat
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .files import kind_of, read_regular
+from .decision import Decision
+from .files import create, kind_of, new_file_mode, read_regular, write_all
 from .pipeline import Result
 from .session import LoadedModel
 
@@ -127,24 +125,30 @@ def _lock(path: Path, output: Path) -> int:
         os.close(fd)  # the run that held it removed the file meanwhile: lock the new one
 
 
+STATUSES = ("ok", "rejected", "error")  # classified; refused by the input gate; could not be read
+
+
 def columns(classes: Iterable[str]) -> list[str]:
-    return ["path", "status", "label", *[f"p_{c}" for c in classes], "flagged", "error", "ms", "model"]
+    return ["path", "status", "decision", "label", *[f"p_{c}" for c in classes], "flagged", "age_group", "warning",
+            "gate_score", "reason", "heatmap", "ms", "model"]
 
 
-def make_row(result: Result, model: LoadedModel) -> dict[str, Any]:
-    """A results row: predicted label, every class probability, and the classes flagged at the
-    record's operating thresholds (probability >= threshold)."""
-    classes, thresholds = model.classes, model.record.thresholds
-    if result.probs is None:
-        probs: list[float | None] = [None] * len(classes)
-        label, flagged, status = "", [], "error"
+def make_row(result: Result, model: LoadedModel, decision: Decision | None, heatmap: str = "") -> dict[str, Any]:
+    """A results row from a file's result and what the record's rules made of it (``decision``;
+    None when the file could not be read). A rejected image gets no class and no probabilities."""
+    classes = model.classes
+    if decision is None:
+        status, reason = "error", result.error
     else:
-        probs = [round(float(p), 6) for p in result.probs]
-        label, status = classes[int(np.argmax(result.probs))], "ok"
-        flagged = [c for c, p in zip(classes, result.probs) if c in thresholds and p >= thresholds[c]]
-    return {"path": result.path, "status": status, "label": label,
-            **{f"p_{c}": p for c, p in zip(classes, probs)}, "flagged": flagged,
-            "error": result.error, "ms": round(result.ms, 1), "model": model.label}
+        status, reason = ("rejected" if decision.decision == "rejected" else "ok"), decision.reason
+    classified = status == "ok"
+    probs = [round(float(p), 6) for p in result.probs] if classified else [None] * len(classes)
+    return {"path": result.path, "status": status, "decision": decision.decision if decision else "error",
+            "label": decision.label if classified else "", **{f"p_{c}": p for c, p in zip(classes, probs)},
+            "flagged": decision.flagged if classified else [], "age_group": decision.age_group if classified else "",
+            "warning": decision.warning if classified else "",
+            "gate_score": None if decision is None or decision.gate_score is None else round(decision.gate_score, 3),
+            "reason": reason, "heatmap": heatmap, "ms": round(result.ms, 1), "model": model.label}
 
 
 def read_previous(output: Path, classes: list[str]) -> list[dict[str, Any]]:
@@ -173,15 +177,15 @@ class ResultsWriter:
     def __init__(self, output: Path, classes: list[str], keep: list[dict[str, Any]]):
         self.output, self.fmt, self.fields = output, output_format(output), columns(classes)
         self.partial = partial_path(output)
-        self.mode = _new_file_mode()
-        self.fd = _create(self.partial, self._encode(keep, header=True), self.mode)
+        self.mode = new_file_mode()
+        self.fd = create(self.partial, self._encode(keep, header=True), self.mode)
         self.size = os.lseek(self.fd, 0, os.SEEK_END)
 
     def write(self, rows: list[dict[str, Any]]) -> None:
         """Append rows and push them to disk."""
         data = self._encode(rows)
         try:
-            _write_all(self.fd, data)
+            write_all(self.fd, data)
             os.fsync(self.fd)
         except OSError:
             with suppress(OSError):
@@ -195,7 +199,7 @@ class ResultsWriter:
         if self.fmt == ".json":
             rows = _parse(data, ".jsonl", self.fields, self.partial)
             data = (json.dumps(rows, indent=2, ensure_ascii=True) + "\n").encode("ascii")
-        os.close(_create(self.output, data, self.mode))
+        os.close(create(self.output, data, self.mode))
         with suppress(FileNotFoundError):
             os.unlink(self.partial)
         self.close()
@@ -251,7 +255,7 @@ def _parse(data: bytes, kind: str, fields: list[str], path: Path) -> list[dict[s
     if not isinstance(rows, list):
         raise ResumeError(f"{path} is not a list of result rows")
     for row in rows:
-        if not isinstance(row, dict) or list(row) != fields or row["status"] not in ("ok", "error"):
+        if not isinstance(row, dict) or list(row) != fields or row["status"] not in STATUSES:
             raise ResumeError(f"{path} has a row that this model would not write: {str(row)[:200]}")
     return rows
 
@@ -267,44 +271,3 @@ def _csv_records(text: str, path: Path) -> list[list[str]]:
     if records and not text.endswith("\n"):
         records.pop()  # the last row was cut off mid-write
     return records
-
-
-def _new_file_mode() -> int:
-    """The mode an ordinary new file gets here (0666 less the umask); mkstemp's is 0600."""
-    umask = os.umask(0o022)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
-def _create(path: Path, data: bytes, mode: int) -> int:
-    """Write ``data`` to a new, randomly named file beside ``path`` (O_EXCL: never an existing
-    file or link), sync it, rename it over ``path`` and return its open descriptor."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        _write_all(fd, data)
-        os.fsync(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        os.close(fd)
-        with suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _sync_folder(path.parent)
-    return fd
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-def _sync_folder(folder: Path) -> None:
-    """Make a rename in ``folder`` survive a power cut."""
-    with suppress(OSError):
-        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)

@@ -22,7 +22,8 @@ from xray_edge.session import load_model, predict_proba
 
 SIZE = 32
 CLASSES = ["COVID", "NORMAL", "VIRAL_PNEUMONIA"]
-COLUMNS = ["path", "status", "label", "p_COVID", "p_NORMAL", "p_VIRAL_PNEUMONIA", "flagged", "error", "ms", "model"]
+COLUMNS = ["path", "status", "decision", "label", "p_COVID", "p_NORMAL", "p_VIRAL_PNEUMONIA", "flagged", "age_group",
+           "warning", "gate_score", "reason", "heatmap", "ms", "model"]
 THRESHOLDS = {"COVID": 0.01, "VIRAL_PNEUMONIA": 0.9}
 
 
@@ -67,13 +68,13 @@ def test_mixed_folder_gives_one_row_per_file(tmp_path, model_path, good):
     rows = {os.path.basename(r["path"]): r for r in read_rows(out)}
     assert set(rows) == {p.name for p in good} | set(bad)
     for name, reason in bad.items():
-        assert rows[name]["status"] == "error" and reason in rows[name]["error"], rows[name]
+        assert rows[name]["status"] == rows[name]["decision"] == "error" and reason in rows[name]["reason"], rows[name]
         assert rows[name]["label"] == rows[name]["p_COVID"] == ""
         assert f"{name}" in result.stdout and reason in result.stdout  # the table names file and reason
     probs = expected_probs(model_path, good)
     for path, p in zip(good, probs):
         row = rows[path.name]
-        assert row["status"] == "ok" and row["error"] == ""
+        assert row["status"] == "ok" and row["reason"] == "" and row["decision"] in ("positive", "negative", "uncertain")
         got = np.array([float(row[f"p_{c}"]) for c in CLASSES])
         np.testing.assert_allclose(got, p, atol=2e-6)
         assert row["label"] == CLASSES[int(np.argmax(p))]
@@ -82,7 +83,7 @@ def test_mixed_folder_gives_one_row_per_file(tmp_path, model_path, good):
         assert float(row["ms"]) > 0 and row["model"] == "tiny-test-model 0.0.1 fp32"
     assert any(r["flagged"] for r in rows.values()) and not all(r["flagged"] for r in rows.values())
     assert "research screening aid" in result.stdout
-    assert f"{len(good)} classified, {len(bad)} failed" in result.stdout
+    assert f"{len(good)} classified (" in result.stdout and f"0 rejected, {len(bad)} failed" in result.stdout
     assert "1 non-image files skipped" in result.stdout
     assert "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["good", "results.csv", "tiny.onnx"]  # no temp files
@@ -173,21 +174,21 @@ def test_progress_bar_on_stderr_unless_quiet(tmp_path, model_path, good):
     quiet = run(tmp_path / "good", "-m", model_path, "--quiet")
     assert loud.exit_code == quiet.exit_code == 0
     assert "classifying" in loud.stderr and quiet.stderr == ""
-    assert quiet.stdout.splitlines()[0].split()[:2] == ["file", "prediction"]
+    assert quiet.stdout.splitlines()[0].split()[:3] == ["file", "decision", "prediction"]
 
 
 def interrupt_after(monkeypatch, calls: int, partial):
     """Make the model raise KeyboardInterrupt (Ctrl-C) on its ``calls + 1``-th batch; returns a
     list of (batch size, lines already on disk in ``partial``) for each model call."""
-    real, seen = pipeline_module.predict_proba, []
+    real, seen = pipeline_module.predict, []
 
-    def flaky(model, batch):
+    def flaky(model, batch, cam=False):
         seen.append((len(batch), len(partial.read_text().splitlines())))
         if len(seen) > calls:
             raise KeyboardInterrupt
-        return real(model, batch)
+        return real(model, batch, cam)
 
-    monkeypatch.setattr(pipeline_module, "predict_proba", flaky)
+    monkeypatch.setattr(pipeline_module, "predict", flaky)
     return seen
 
 
@@ -222,7 +223,7 @@ def test_resume_from_partial_with_cut_line_and_error_rows(tmp_path, model_path, 
     out.unlink()
     kept = [dict(r) for r in full[:3]]
     kept[0]["p_COVID"] = 0.123456  # a marker: a re-classified file would not keep it
-    failed = dict(full[3], status="error", label="", error="cannot read file (I/O error)",
+    failed = dict(full[3], status="error", decision="error", label="", reason="cannot read file (I/O error)",
                   **{f"p_{c}": None for c in CLASSES})
     lines = [json.dumps(r) for r in [*kept, failed]] + [json.dumps(full[4])[:40]]  # killed mid-line
     (tmp_path / "results.jsonl.partial").write_text("\n".join(lines))
@@ -232,7 +233,7 @@ def test_resume_from_partial_with_cut_line_and_error_rows(tmp_path, model_path, 
     assert sorted(r["path"] for r in rows) == sorted(r["path"] for r in full)  # each file once
     assert rows[:3] == kept
     assert {r["path"]: r for r in rows}[full[3]["path"]]["status"] == "ok"  # error row retried
-    assert f"{len(full) - 3} classified" in result.stdout
+    assert f"{len(full) - 3} classified (" in result.stdout
 
 
 def test_resume_after_finished_json_only_runs_new_files(tmp_path, model_path, good):
@@ -245,7 +246,7 @@ def test_resume_after_finished_json_only_runs_new_files(tmp_path, model_path, go
     rows = read_rows(out)
     assert rows[: len(before)] == before and len(rows) == len(before) + 1
     assert rows[-1]["path"].endswith("z_new.png") and rows[-1]["status"] == "ok"
-    assert "1 classified, 0 failed" in result.stdout
+    assert "1 classified (" in result.stdout and "0 rejected, 0 failed" in result.stdout
 
 
 def test_resume_refuses_results_of_another_model(tmp_path, model_path, good):
@@ -271,3 +272,82 @@ def test_classify_never_imports_tensorflow_or_onnx(tmp_path, model_path, good):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip().splitlines()[-1] == "[]"
     assert len(read_rows(tmp_path / "r.csv")) >= len(good) + 10
+
+
+def evidence_model(tmp_path, **record):
+    """A tiny model that calls COVID on brightness in the top-left cell only, with an input gate
+    (distance of the 4x4 cells to 0.5 above 1.5 is rejected)."""
+    from xray_edge.contract import Gate
+
+    weights = np.zeros((16, 3), np.float32)
+    weights[0, 0] = 40.0  # cell (0, 0): COVID
+    rec = tiny_record(SIZE, thresholds={"COVID": 0.5}, abstain_margin=0.05,
+                      gate=Gate(threshold=1.5, quantile=0.99, feature="cells"), **record)
+    return make_tiny_onnx(tmp_path / "evidence.onnx", size=SIZE, record=rec, weights=weights,
+                          bias=np.array([-30.0, 0.0, -30.0]))
+
+
+def lit(cell_value: float, size: int = 96, seed: int = 0) -> np.ndarray:
+    """A grey image with noise, its top-left quarter at ``cell_value``."""
+    img = np.clip(0.5 + np.random.default_rng(seed).normal(0, 0.2, (size, size)), 0, 1)
+    img[: size // 4 + 4, : size // 4 + 4] = cell_value
+    return img
+
+
+def test_heatmaps_report_and_gate(tmp_path):
+    import cv2
+
+    model = evidence_model(tmp_path)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write(folder / "covid.png", as_uint8(lit(1.0)))
+    write(folder / "normal.png", as_uint8(lit(0.5, seed=1)))
+    half = np.zeros((96, 96))
+    half[:, 48:] = 1.0
+    half[:2, :2] = 0.5
+    write(folder / "photo.png", as_uint8(half))  # far from every training-like image: rejected
+    write(folder / "blank.png", np.zeros((64, 64), np.uint8))
+    out, maps, report = tmp_path / "r.csv", tmp_path / "maps", tmp_path / "report.html"
+    result = run(folder, "-m", model, "-o", out, "--heatmaps", maps, "--report", report)
+    assert result.exit_code == 1, result.output  # the photo is rejected and the blank image refused
+    rows = {os.path.basename(r["path"]): r for r in read_rows(out)}
+    assert rows["covid.png"]["decision"] == "positive" and rows["covid.png"]["flagged"] == "COVID"
+    assert rows["normal.png"]["decision"] == "negative" and rows["normal.png"]["label"] == "NORMAL"
+    assert rows["photo.png"]["status"] == "rejected" and rows["photo.png"]["label"] == rows["photo.png"]["p_COVID"] == ""
+    assert "not a usable chest X-ray" in rows["photo.png"]["reason"] and float(rows["photo.png"]["gate_score"]) > 1
+    assert rows["blank.png"]["status"] == "error" and "no image content" in rows["blank.png"]["reason"]
+    picture = cv2.imread(rows["covid.png"]["heatmap"])
+    assert picture.shape == (2 * SIZE, 2 * SIZE, 3) and rows["photo.png"]["heatmap"] == ""
+    colour = np.abs(picture.astype(int) - picture.mean(axis=2, keepdims=True)).sum(axis=2)
+    h = picture.shape[0]
+    assert colour[h // 4 : h // 2, : h // 4].mean() > 3 * colour[h // 2 :, h // 2 :].mean()  # heat where COVID was read
+    assert sorted(p.name.split(".")[0] for p in maps.iterdir()) == ["covid", "normal"]
+    html = report.read_text()
+    assert html.index("covid.png") < html.index("normal.png") < html.index("photo.png")
+    assert html.count("data:image/png;base64,") == 4 and "src=\"http" not in html
+    assert "no image content" in html and "not a diagnostic device" in html
+    assert "1 rejected, 1 failed" in result.stdout and f"heatmaps: {maps}" in result.stdout
+
+
+def test_a_tie_is_reported_uncertain(tmp_path, good):
+    tie = make_tiny_onnx(tmp_path / "tie.onnx", size=SIZE, weights=np.zeros((16, 3)), bias=np.zeros(3),
+                         record=tiny_record(SIZE, thresholds={"COVID": 0.5}))
+    out = tmp_path / "r.jsonl"
+    assert run(tmp_path / "good", "-m", tie, "-o", out).exit_code == 0
+    assert {r["decision"] for r in read_rows(out)} == {"uncertain"}
+
+
+def test_heatmaps_need_a_model_with_a_cam_output(tmp_path, good):
+    import onnx
+
+    plain = make_tiny_onnx(tmp_path / "plain.onnx", size=SIZE, record=tiny_record(SIZE, heatmap=None))
+    proto = onnx.load(str(plain))
+    del proto.graph.output[3]  # no cam output, and a record that names none
+    from xray_edge.contract import Outputs, attach_record
+
+    attach_record(proto, tiny_record(SIZE, heatmap=None, outputs=Outputs(age_logits="age_logits",
+                                                                         ood_distance="ood_distance")))
+    onnx.save(proto, str(plain))
+    usage_error(run(tmp_path / "good", "-m", plain, "--heatmaps", tmp_path / "maps"), "no heatmap output")
+    usage_error(run(tmp_path / "good", "-m", make_tiny_onnx(tmp_path / "t.onnx", size=SIZE), "--report",
+                    tmp_path / "r.txt"), "--report must name an .html file")

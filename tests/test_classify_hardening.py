@@ -110,7 +110,7 @@ def test_corpus_gives_one_row_per_file_in_every_format(tmp_path, model_path):
             assert "Traceback" not in r["stdout"] + r["stderr"] and "Warning" not in r["stderr"], r["stderr"]
             assert not any(c in r["stdout"] for c in "\x1b\r"), "raw control characters on the terminal"
         assert f"{len(good)} already done" in resumed["stdout"]
-        assert f"0 classified, {len(bad)} failed" in resumed["stdout"]  # failed ones retried, good ones kept
+        assert f"0 classified (" in resumed["stdout"] and f"0 rejected, {len(bad)} failed" in resumed["stdout"]
         rows = parse(out)
         assert len(rows) == len(expected), out
         got = {r["path"]: r for r in rows}
@@ -120,7 +120,7 @@ def test_corpus_gives_one_row_per_file_in_every_format(tmp_path, model_path):
             if reason is None:
                 assert row["status"] == "ok" and row["label"] in CLASSES, row
             else:
-                assert row["status"] == "error" and reason in row["error"] and "\n" not in row["error"], row
+                assert row["status"] == "error" and reason in row["reason"] and "\n" not in row["reason"], row
         assert not [p for p in os.listdir(tmp_path) if p.startswith(".") or p.endswith((".partial", ".lock"))]
 
 
@@ -129,11 +129,11 @@ def test_corpus_gives_one_row_per_file_in_every_format(tmp_path, model_path):
 SLOW_CHILD = textwrap.dedent("""
     import sys, time
     import xray_edge.pipeline as pipeline
-    real = pipeline.predict_proba
-    def slow(model, batch):
+    real = pipeline.predict
+    def slow(model, batch, cam=False):
         time.sleep(float(sys.argv[1]))
-        return real(model, batch)
-    pipeline.predict_proba = slow
+        return real(model, batch, cam)
+    pipeline.predict = slow
     from xray_edge.cli import app
     app(["classify", *sys.argv[2:]], prog_name="xray-edge")
 """)
@@ -191,7 +191,7 @@ def test_kill_9_mid_run_then_resume_loses_and_repeats_nothing(tmp_path, model_pa
 def test_csv_cut_anywhere_in_a_row_with_line_breaks_reads_back_whole_rows(tmp_path):
     out = tmp_path / "r.csv"
     names = ["/x/a\nb.png", "/x/c\rd.png", '/x/"e",\r\nf.png']
-    rows = [{**{f: "" for f in FIELDS}, "path": n, "status": "error", "error": "boom", "ms": 1.0, "model": "m"}
+    rows = [{**{f: "" for f in FIELDS}, "path": n, "status": "error", "decision": "error", "reason": "boom", "ms": 1.0, "model": "m"}
             for n in names]
     writer = results_module.ResultsWriter(out, CLASSES, rows)
     writer.close()
@@ -207,7 +207,9 @@ def test_full_disk_keeps_whole_batches_and_resumes(tmp_path, model_path, good, m
     """The write that hits ENOSPC half-way is undone; the run stops with exit 2 and one line;
     --resume finishes it once there is room."""
     out, partial = tmp_path / "results.jsonl", tmp_path / "results.jsonl.partial"
-    real, calls = results_module._write_all, []
+    import xray_edge.files as files_module
+
+    real, calls = files_module.write_all, []
 
     def full_disk(fd, data):
         calls.append(len(data))
@@ -216,7 +218,8 @@ def test_full_disk_keeps_whole_batches_and_resumes(tmp_path, model_path, good, m
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         real(fd, data)
 
-    monkeypatch.setattr(results_module, "_write_all", full_disk)
+    monkeypatch.setattr(files_module, "write_all", full_disk)  # new files (the partial file's start)
+    monkeypatch.setattr(results_module, "write_all", full_disk)  # appended batches
     result = run(tmp_path / "good", "-m", model_path, "-o", out, "--batch-size", 3)
     one_line_error(result, "No space left on device", "results.jsonl.partial", "--resume")
     assert not out.exists()
@@ -258,7 +261,7 @@ def test_predictable_temp_names_are_not_followed(tmp_path, model_path, good):
 
 def test_output_that_is_a_folder_fails_before_the_run(tmp_path, model_path, good, monkeypatch):
     (tmp_path / "out.csv").mkdir()
-    monkeypatch.setattr(pipeline_module, "predict_proba", lambda *a: pytest.fail("the run started"))
+    monkeypatch.setattr(pipeline_module, "predict", lambda *a, **k: pytest.fail("the run started"))
     one_line_error(run(tmp_path / "good", "-m", model_path, "-o", tmp_path / "out.csv"), "is a folder")
 
 
@@ -271,7 +274,8 @@ def test_resume_from_another_working_folder_repeats_nothing(tmp_path, model_path
     monkeypatch.chdir(tmp_path / "elsewhere")
     result = run("../good", "-m", model_path, "-o", "../r.csv", "--resume", "-q")
     assert result.exit_code == 0, result.output
-    assert "0 classified, 0 failed" in result.stdout and f"{len(good)} already done" in result.stdout
+    assert "0 classified (" in result.stdout and "0 rejected, 0 failed" in result.stdout
+    assert f"{len(good)} already done" in result.stdout
     assert sorted(r["path"] for r in parse(tmp_path / "r.csv")) == sorted(map(str, good))
 
 
@@ -281,18 +285,18 @@ def test_threads_and_batch_size_are_capped(tmp_path, model_path, monkeypatch):
     for i in range(MAX_BATCH_SIZE + 6):
         write(folder / f"{i:03d}.png", as_uint8(xray_like(40, 40, seed=i)))
     import xray_edge.session as session_module
-    real_load, real_predict, seen = session_module.load_model, pipeline_module.predict_proba, {"batches": []}
+    real_load, real_predict, seen = session_module.load_model, pipeline_module.predict, {"batches": []}
 
-    def load(path, threads):
+    def load(path, threads, expected_sha256=None):
         seen["threads"] = threads
-        return real_load(path, threads)
+        return real_load(path, threads, expected_sha256)
 
-    def predict(model, batch):
+    def predict(model, batch, cam=False):
         seen["batches"].append(len(batch))
-        return real_predict(model, batch)
+        return real_predict(model, batch, cam)
 
     monkeypatch.setattr(session_module, "load_model", load)
-    monkeypatch.setattr(pipeline_module, "predict_proba", predict)
+    monkeypatch.setattr(pipeline_module, "predict", predict)
     result = run(folder, "-m", model_path, "--threads", 10_000, "--workers", 10_000, "--batch-size", 1_000_000, "-q")
     assert result.exit_code == 0, result.output
     assert seen["threads"] == available_cores()
@@ -337,6 +341,6 @@ def test_help_is_readable_and_shows_every_default(monkeypatch):
     lines = [line for line in result.stdout.splitlines() if "--help" not in line]  # typer's own option
     assert "{paths}" not in result.stdout and "PATH" in result.stdout
     options = [line for line in lines if line.strip("│ ").startswith("--")]
-    assert len(options) == 9, options
+    assert len(options) == 11, options
     for line in options:
         assert "default" in line and "<bool>" not in line, line

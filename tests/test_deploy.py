@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
 
 import compare_probs  # noqa: E402
-import count_macs  # noqa: E402
+from xray_edge.benchmarks import macs as count_macs  # noqa: E402
 import make_images  # noqa: E402
 from tiny_model import make_tiny_onnx  # noqa: E402
 
@@ -23,10 +23,11 @@ CLASSES = ("COVID", "NORMAL", "VIRAL_PNEUMONIA")
 def _csv(path: Path, rows: list[tuple[str, str, list[float] | None]], model: str = "m 1.0 int8") -> Path:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["path", "status", "label", *[f"p_{c}" for c in CLASSES], "flagged", "error", "ms", "model"])
+        w.writerow(["path", "status", "decision", "label", *[f"p_{c}" for c in CLASSES], "flagged", "age_group",
+                    "warning", "gate_score", "reason", "heatmap", "ms", "model"])
         for name, status, probs in rows:
             cells = [""] * 3 if probs is None else probs
-            w.writerow([name, status, "", *cells, "", "" if probs else "bad file", 1.0, model])
+            w.writerow([name, status, "", "", *cells, "", "", "", "", "" if probs else "bad file", "", 1.0, model])
     return path
 
 
@@ -87,7 +88,7 @@ def test_compare_main_exit_codes(tmp_path, capsys):
 
 
 def test_count_macs_conv_and_gemm(tmp_path):
-    # Conv 1->4, 3x3, pad 1 on 8x8: 4*8*8 * 1*3*3 = 2304; tiny model Gemm: 16 x 3 = 48
+    # Conv 1->4, 3x3, pad 1 on 8x8: 4*8*8 * 1*3*3 = 2304; tiny model Gemms: 16 x 3 (class) + 16 x 2 (age) = 80
     w = numpy_helper.from_array(np.zeros((4, 1, 3, 3), np.float32), "w")
     graph = helper.make_graph(
         [helper.make_node("Conv", ["x", "w"], ["y"], pads=[1, 1, 1, 1])], "g",
@@ -96,7 +97,7 @@ def test_count_macs_conv_and_gemm(tmp_path):
     conv = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     assert count_macs.count_macs(conv) == ({"Conv": 2304}, [])
     tiny = onnx.load(str(make_tiny_onnx(tmp_path / "tiny.onnx")))
-    assert count_macs.count_macs(tiny) == ({"Gemm": 48}, [])
+    assert count_macs.count_macs(tiny) == ({"Gemm": 80}, [])
 
 
 def test_make_images_are_decodable(tmp_path):
