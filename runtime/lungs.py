@@ -36,13 +36,16 @@ def lung_mask(probs: np.ndarray, threshold: float) -> np.ndarray:
 
 
 def box_of(mask: np.ndarray, shape: tuple[int, int], spec: LungCrop) -> tuple[int, int, int, int] | None:
-    """(top, bottom, left, right) in an image of ``shape`` of the mask's bounding box widened by
+    """(top, bottom, left, right) in an image of ``shape`` of the mask's bounding box, made
+    symmetric about the vertical midline (a lung the mask missed, as happens with dense
+    consolidation or children's films, is assumed to mirror the one it found) and widened by
     ``spec.margin``; None when the mask covers less than ``spec.min_area`` (no lungs found)."""
     if mask.mean() < spec.min_area:
         return None
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     size = mask.shape[0]
     top, bottom, left, right = rows[0] / size, (rows[-1] + 1) / size, cols[0] / size, (cols[-1] + 1) / size
+    left, right = min(left, 1 - right), max(right, 1 - left)
     dy, dx = spec.margin * (bottom - top), spec.margin * (right - left)
     h, w = shape
     return (int(max(0.0, top - dy) * h), int(np.ceil(min(1.0, bottom + dy) * h)),

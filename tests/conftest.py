@@ -1,4 +1,58 @@
+"""Shared, session-wide fixtures: the generated data roots, one tiny training run and one export
+of it, built once and reused by the training, export and benchmark tests (TensorFlow is only
+imported by the tests that use them)."""
 import sys
 from pathlib import Path
 
+import pytest
+
 sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_data import make_roots  # noqa: E402
+
+TRAIN_SIZE = 64  # block5_conv4 is 4x4 at 64 px: enough to tell which quadrant a heatmap points at
+TRAIN_ARGS = ["--weights", "none", "--size", str(TRAIN_SIZE), "--epochs", "15", "--lr", "1e-2", "--n-boot", "20",
+              "--child-origins", "kids", "--aug-views", "1", "--gate-quantile", "0.95"]
+
+
+@pytest.fixture(scope="session")
+def roots(tmp_path_factory):
+    return make_roots(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="session")
+def trained(roots, tmp_path_factory):
+    """``xray-edge train`` on both roots with a random-weight VGG-19 (gap and flatten heads)."""
+    pytest.importorskip("tensorflow")
+    from typer.testing import CliRunner
+
+    from xray_edge.cli import app
+
+    out = tmp_path_factory.mktemp("train")
+    result = CliRunner().invoke(app, ["train", *map(str, roots), "--out", str(out), "--force", "--cache-dir",
+                                      str(out / "cache"), "--heads", "gap,flatten", *TRAIN_ARGS])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported(trained, roots, tmp_path_factory):
+    """One ``xray-edge export`` of the run (fp32, fp16, int8), shipped into a temporary package
+    folder and written into a temporary model card."""
+    from typer.testing import CliRunner
+
+    import xray_edge.export.command as command
+    from xray_edge.cli import app
+    from xray_edge.export.model_card import BEGIN, END
+
+    out = tmp_path_factory.mktemp("export")
+    shipped = tmp_path_factory.mktemp("shipped") / "xray-edge-vgg19-int8.onnx"
+    card = tmp_path_factory.mktemp("card") / "CARD.md"
+    card.write_text(f"# Card\n\nprose\n\n{BEGIN}\nnot generated yet\n{END}\nafter\n")
+    args = ["export", str(trained / "model.keras"), "--out", str(out), "--data", str(roots[0].parent), "--n-boot", "20",
+            "--calib-images", "12", "--check-images", "8", "--ship", "--model-card", str(card), "--force"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(command, "shipped_path", lambda: shipped)
+        result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return {"out": out, "card": card, "output": result.output, "shipped": shipped}

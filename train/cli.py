@@ -2,44 +2,80 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
-from xray_edge.contract import INPUT_SIZE
+from xray_edge.contract import INPUT_SIZE, INTENSITY_METHODS
+from xray_edge.extras import require
+from xray_edge.train.data import CHILD_ORIGINS
 from xray_edge.train.features import DEFAULT_CACHE
+from xray_edge.train.recipes import DEFAULT
 
 
 def train(
-    data_dir: Path = typer.Argument(..., help="Folder with one sub-folder per class (COVID, NORMAL, VIRAL_PNEUMONIA)."),
-    out: Path = typer.Option(Path("artifacts/train"), help="Output folder (model.keras, record.json, split.csv, metrics.json, plots)."),
-    weights: Optional[str] = typer.Option(None, help="VGG-19 no-top .h5 file, 'imagenet' (Keras download) or 'none' (random init, tests). Default: $XRAY_EDGE_VGG19_WEIGHTS."),
-    classes: Optional[str] = typer.Option(None, help="Comma-separated subset of class folders, e.g. COVID,NORMAL."),
-    size: int = typer.Option(INPUT_SIZE, help="Model input size (pixels)."),
-    seed: int = typer.Option(0, help="Seed of the split, augmentation and training."),
-    cache_dir: Path = typer.Option(DEFAULT_CACHE, help="Feature cache folder."),
-    aug_views: int = typer.Option(1, min=0, help="Extra augmented views per training image."),
-    heads: str = typer.Option("flatten,gap", help="Heads to compare on validation (the better one is kept)."),
-    epochs: int = typer.Option(40, min=1, help="Maximum head-training epochs (early stopping on val loss)."),
-    batch_size: int = typer.Option(64, min=1),
-    lr: Optional[float] = typer.Option(None, help="Head learning rate (Adam) for every head. Default: flatten 1e-4, gap 1e-3."),
-    fine_tune_epochs: int = typer.Option(0, min=0, help="Epochs of block-5 fine-tuning after the head (slow on a CPU)."),
-    test_fraction: float = typer.Option(0.33, help="Test share (1 / number of group folds)."),
-    val_fraction: float = typer.Option(0.15, help="Validation share of the whole set, taken from the training part."),
-    phash_hamming: int = typer.Option(8, help="pHash Hamming distance that shortlists near-duplicate pairs."),
-    ncc_threshold: float = typer.Option(0.95, help="Thumbnail NCC that confirms a near-duplicate pair."),
-    covid_sensitivity: float = typer.Option(0.95, help="Validation sensitivity the COVID threshold must reach."),
-    n_boot: int = typer.Option(1000, min=1, help="Bootstrap resamples for the 95 % CIs."),
+    data_dirs: Annotated[list[Path], typer.Argument(
+        help="Data roots: folders with one sub-folder per class (COVID, NORMAL, VIRAL_PNEUMONIA) or a "
+             "manifest.csv listing the images.", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option(
+        help="Output folder (model.keras, record.json, split.csv, metrics.json, plots). "
+             "[default: a new folder runs/train-<date>-<time>]", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite the results already in --out.")] = False,
+    weights: Annotated[Optional[str], typer.Option(
+        help="VGG-19 no-top .h5 file, 'imagenet' (Keras download) or 'none' (random init, tests). "
+             "[default: $XRAY_EDGE_VGG19_WEIGHTS]", show_default=False)] = None,
+    classes: Annotated[Optional[str], typer.Option(
+        help="Comma-separated subset of classes, e.g. COVID,NORMAL. [default: every class found]",
+        show_default=False)] = None,
+    child_origins: Annotated[str, typer.Option(
+        help="Comma-separated origins whose images are children (every other origin: adults).")] = ",".join(CHILD_ORIGINS),
+    size: Annotated[int, typer.Option(help="Model input size (pixels).")] = INPUT_SIZE,
+    seed: Annotated[int, typer.Option(help="Seed of the split, augmentation and training.")] = 0,
+    cache_dir: Annotated[Path, typer.Option(help="Feature cache folder.")] = DEFAULT_CACHE,
+    intensity: Annotated[str, typer.Option(
+        help=f"Intensity normalisation after the percentile stretch: {', '.join(INTENSITY_METHODS)}.")] = DEFAULT.intensity,
+    crop_fraction: Annotated[float, typer.Option(help="Border cropped from each side.")] = DEFAULT.crop_fraction,
+    augment: Annotated[str, typer.Option(help="Augmentation recipe: processing or geometric.")] = DEFAULT.augment,
+    aug_views: Annotated[int, typer.Option(min=0, help="Augmented views per training image.")] = DEFAULT.aug_views,
+    origin_weights: Annotated[bool, typer.Option(
+        "--origin-weights/--class-weights",
+        help="Weight images so every origin of a class counts equally (else every image of a class).")
+    ] = DEFAULT.origin_weights,
+    heads: Annotated[str, typer.Option(
+        help="Heads to compare by leave-one-origin-out (the better one is kept): gap, flatten.")] = DEFAULT.head,
+    epochs: Annotated[int, typer.Option(min=1, help="Maximum head-training epochs (early stopping on val loss).")] = 40,
+    batch_size: Annotated[int, typer.Option(min=1, help="Head-training batch size.")] = 64,
+    lr: Annotated[Optional[float], typer.Option(
+        help="Head learning rate (Adam) for every head. [default: flatten 1e-4, gap 1e-3]", show_default=False)] = None,
+    fine_tune_epochs: Annotated[int, typer.Option(min=0, help="Epochs of block-5 fine-tuning after the head (slow on a CPU).")] = 0,
+    test_fraction: Annotated[float, typer.Option(help="Test share (1 / number of group folds).")] = 0.33,
+    val_fraction: Annotated[float, typer.Option(help="Validation share of the whole set, taken from the training part.")] = 0.15,
+    phash_hamming: Annotated[int, typer.Option(help="pHash Hamming distance that shortlists near-duplicate pairs.")] = 8,
+    ncc_threshold: Annotated[float, typer.Option(help="Thumbnail NCC that confirms a near-duplicate pair.")] = 0.95,
+    covid_sensitivity: Annotated[float, typer.Option(help="Validation sensitivity the COVID threshold must reach.")] = 0.95,
+    abstain_accuracy: Annotated[float, typer.Option(
+        help="Validation accuracy the images outside the 'uncertain' band must reach.")] = 0.97,
+    gate_quantile: Annotated[float, typer.Option(
+        help="Share of validation X-rays the input gate must accept.")] = 0.99,
+    n_boot: Annotated[int, typer.Option(min=1, help="Bootstrap resamples for the 95 % CIs.")] = 1000,
 ) -> None:
-    """Train the VGG-19 transfer model on a folder-per-class chest X-ray set."""
+    """Train the VGG-19 transfer model on chest X-rays from one or more data roots
+    (needs the train extra: pip install "xray-edge[train]")."""
+    require("train", "tensorflow", "keras", "tf2onnx", "onnx", "sklearn")
     from xray_edge.contract import CLASSES, ModelContractError
     from xray_edge.train.data import DatasetError
+    from xray_edge.train.recipes import Recipe
 
     head_list = tuple(h.strip() for h in heads.split(",") if h.strip())
     class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
     problems = [f"unknown head {h!r} (use flatten, gap)" for h in head_list if h not in ("flatten", "gap")]
     problems += [f"unknown class {c!r} in --classes (use {', '.join(CLASSES)})" for c in class_list or [] if c not in CLASSES]
+    if intensity not in INTENSITY_METHODS:
+        problems.append(f"--intensity must be one of {', '.join(INTENSITY_METHODS)}")
+    if augment not in ("processing", "geometric"):
+        problems.append("--augment must be processing or geometric")
     if weights is None and not os.environ.get("XRAY_EDGE_VGG19_WEIGHTS"):  # train.model.WEIGHTS_ENV
         problems.append("give --weights PATH (VGG-19 no-top .h5), 'imagenet' or 'none' (random init), "
                         "or set XRAY_EDGE_VGG19_WEIGHTS")
@@ -47,25 +83,32 @@ def train(
         problems.append("--heads names no head")
     if not 0 < test_fraction < 1 or not 0 < val_fraction < 1 - test_fraction:
         problems.append("need 0 < test-fraction < 1 and 0 < val-fraction < 1 - test-fraction")
+    out = out or Path("runs") / f"train-{time.strftime('%Y%m%d-%H%M%S')}"
+    if out.exists() and any(out.iterdir()) and not force:
+        problems.append(f"{out} already holds results; choose another --out or add --force to overwrite them")
     if problems:
         typer.echo(f"error: {'; '.join(problems)}", err=True)
         raise typer.Exit(2)
 
     from xray_edge.train.pipeline import TrainConfig, run
 
-    cfg = TrainConfig(data_dir=data_dir, out=out, weights=weights, classes=class_list, size=size, seed=seed,
-                      cache_dir=cache_dir, aug_views=aug_views, heads=head_list, epochs=epochs, batch_size=batch_size,
-                      lr=lr, fine_tune_epochs=fine_tune_epochs, test_fraction=test_fraction,
+    recipe = Recipe("command line", intensity=intensity, crop_fraction=crop_fraction, augment=augment,
+                    aug_views=aug_views, origin_weights=origin_weights, head=head_list[0])
+    cfg = TrainConfig(data_dirs=data_dirs, out=out, weights=weights, classes=class_list,
+                      child_origins=tuple(o.strip() for o in child_origins.split(",") if o.strip()), size=size,
+                      seed=seed, cache_dir=cache_dir, recipe=recipe, heads=head_list, epochs=epochs,
+                      batch_size=batch_size, lr=lr, fine_tune_epochs=fine_tune_epochs, test_fraction=test_fraction,
                       val_fraction=val_fraction, phash_hamming=phash_hamming, ncc_threshold=ncc_threshold,
-                      covid_sensitivity=covid_sensitivity, n_boot=n_boot)
+                      covid_sensitivity=covid_sensitivity, abstain_accuracy=abstain_accuracy,
+                      gate_quantile=gate_quantile, n_boot=n_boot)
     try:
         m = run(cfg)
     except (DatasetError, ModelContractError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    t = m["test"]
-    typer.echo(f"head {m['selected_head']} (val macro-F1 {m['heads'][m['selected_head']]['macro_f1']:.3f}); "
-               f"test n={t['n']}: accuracy {t['accuracy']['value']:.3f} {t['accuracy']['ci95']}, "
-               f"macro-F1 {t['macro_f1']['value']:.3f}, ECE {m['ece']['test']['before']:.3f} -> "
-               f"{m['ece']['test']['after']:.3f} (T={m['temperature']:.2f}); {m['timings_seconds']['total']:.0f} s")
+    t, looo = m["test"], m["leave_one_origin_out"]
+    cross = ", ".join(f"{o} {f['macro_f1_present']:.3f}" for o, f in looo["origins"].items())
+    typer.echo(f"head {m['selected_head']}: test n={t['n']} accuracy {t['accuracy']['value']:.3f}, macro-F1 "
+               f"{t['macro_f1']['value']:.3f}; cross-origin macro-F1 mean {looo['mean_macro_f1'] or float('nan'):.3f} "
+               f"({cross or 'no origin can be held out'}); {m['timings_seconds']['total']:.0f} s")
     typer.echo(f"wrote {out}/model.keras, record.json, split.csv, metrics.json, curves.png, confusion_test.png")

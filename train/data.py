@@ -1,12 +1,22 @@
-"""Folder-per-class datasets: find the images, their labels and sources, hash and decode them
-(with the runtime's decoder, so training and inference decode identically)."""
+"""Training data from one or more data roots: find the images, their labels, origins, age groups
+and split groups, hash and decode them (with the runtime's decoder, so training and inference
+decode identically).
+
+A root either has a ``manifest.csv`` (columns ``path,label,source,sha256`` and optionally
+``origin`` and ``group``), whose rows define its images, or is scanned: every image under a
+folder named after a class. An image's ``origin`` is the manifest's ``origin`` column, else the
+owner of its ``source`` repository (``owner/repo@commit:path``), else the root folder's name.
+Its age group follows from the origin (``child_origins``; every other origin is adult).
+"""
 from __future__ import annotations
 
 import csv
 import hashlib
+import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 
@@ -15,80 +25,117 @@ from xray_edge.decode import DecodeError, read_image
 from xray_edge.train.split import phash_bits, thumbnail
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
+CHILD_ORIGINS = ("waliatushar",)  # the Kermany pediatric set (children aged 1-5) in CXR3
 
 
 class DatasetError(ValueError):
-    """The dataset folder cannot be used (the message is one line naming the reason)."""
+    """The dataset cannot be used (the message is one line naming the reason)."""
 
 
 @dataclass(frozen=True)
 class Image:
-    """One usable image: absolute path, class name, origin (from the dataset's manifest.csv, if any),
-    sha256 of the file and of its decoded pixels."""
+    """One usable image. ``path`` is absolute; ``rel`` is relative to the data folder that holds
+    every root (what split.csv stores)."""
 
     path: str
+    rel: str
     label: str
+    origin: str
+    age_group: str
+    group: str  # the manifest's split group ('' where it has none)
     source: str
     sha256: str
-    pixel_sha256: str
+    pixel_sha256: str = ""
 
 
-def dataset_classes(root: Path, selected: list[str] | None = None) -> list[str]:
-    """Class folders of ``root`` in contract order, optionally restricted to ``selected``."""
-    if not root.is_dir():
-        raise DatasetError(f"{root}: not a folder")
+def data_folder(roots: Sequence[Path]) -> Path:
+    """The folder that split.csv paths are relative to: the common parent of every root."""
+    return Path(os.path.commonpath([str(Path(r).resolve().parent) for r in roots]))
+
+
+def origin_of(source: str) -> str:
+    """The owner of ``owner/repo@commit:path`` ('' when the source names none)."""
+    return source.split("/", 1)[0] if "/" in source.split("@", 1)[0] else ""
+
+
+def _manifest_rows(root: Path) -> list[dict[str, str]] | None:
+    manifest = root / "manifest.csv"
+    if not manifest.is_file():
+        return None
+    with manifest.open(newline="") as f:
+        reader = csv.DictReader(f)
+        missing = {"path", "label"} - set(reader.fieldnames or ())
+        if missing:
+            raise DatasetError(f"{manifest}: missing columns {sorted(missing)}")
+        return list(reader)
+
+
+def _scanned_rows(root: Path) -> list[dict[str, str]]:
     folders = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     unknown = [f for f in folders if f not in CLASSES]
     if unknown:
-        raise DatasetError(f"{root}: unknown class folder(s) {unknown}; expected folders named from {list(CLASSES)}")
-    if selected:
-        missing = [c for c in selected if c not in folders]
-        if missing:
-            raise DatasetError(f"{root}: --classes names {missing}, but the class folders are {folders}")
-        folders = [f for f in folders if f in selected]
-    classes = [c for c in CLASSES if c in folders]
+        raise DatasetError(f"{root}: unknown class folder(s) {unknown}; expected folders named from {list(CLASSES)} "
+                           "(or a manifest.csv listing the images)")
+    return [{"path": p.relative_to(root).as_posix(), "label": label}
+            for label in folders for p in sorted((root / label).rglob("*"))
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
+
+
+def list_images(roots: Sequence[Path], selected: list[str] | None = None,
+                child_origins: Sequence[str] = CHILD_ORIGINS) -> tuple[list[Image], list[str]]:
+    """Every image of ``roots`` (files not yet read) and the classes, in contract order."""
+    for root in roots:
+        if not Path(root).is_dir():
+            raise DatasetError(f"{root}: not a folder")
+    unknown = [c for c in selected or [] if c not in CLASSES]
+    if unknown:
+        raise DatasetError(f"unknown class(es) {unknown}; use some of {list(CLASSES)}")
+    folder = data_folder(roots)
+    images = []
+    for root in map(Path, roots):
+        rows = _manifest_rows(root)
+        for row in rows if rows is not None else _scanned_rows(root):
+            if row["label"] not in CLASSES:
+                raise DatasetError(f"{root}/manifest.csv: unknown label {row['label']!r} for {row['path']}")
+            if selected and row["label"] not in selected:
+                continue
+            path = (root / row["path"]).resolve()
+            source = row.get("source", "")
+            origin = row.get("origin") or origin_of(source) or root.resolve().name
+            images.append(Image(path=str(path), rel=path.relative_to(folder).as_posix(), label=row["label"],
+                                origin=origin, age_group="child" if origin in child_origins else "adult",
+                                group=row.get("group", ""), source=source, sha256=row.get("sha256", "")))
+    classes = [c for c in CLASSES if any(im.label == c for im in images)]
     if len(classes) < 2:
-        raise DatasetError(f"{root}: need at least 2 class folders, found {classes}")
-    return classes
+        raise DatasetError(f"{', '.join(map(str, roots))}: need images of at least 2 classes, found {classes}")
+    return images, classes
 
 
-def read_sources(root: Path) -> dict[str, str]:
-    """``relative path -> source`` from the dataset's optional ``manifest.csv`` (path, source columns)."""
-    manifest = root / "manifest.csv"
-    if not manifest.is_file():
-        return {}
-    with manifest.open(newline="") as f:
-        return {row["path"]: row.get("source", "") for row in csv.DictReader(f) if row.get("path")}
-
-
-def scan(root: Path, classes: list[str]) -> tuple[list[Image], np.ndarray, np.ndarray]:
-    """Hash and decode every image under the class folders (recursively). Files that cannot be
-    decoded are reported on stderr (one line each) and skipped. Returns the images (sorted by class,
-    then path), their perceptual hashes (N, 64) bool and NCC thumbnails (N, 4096)."""
-    sources = read_sources(root)
-    images: list[Image] = []
+def scan(images: Sequence[Image]) -> tuple[list[Image], np.ndarray, np.ndarray]:
+    """Hash and decode every image. Files that are missing, differ from their manifest sha256 or
+    cannot be decoded are reported on stderr (one line each) and left out. Returns the usable
+    images (with file and pixel hashes), their perceptual hashes (N, 64) bool and NCC thumbnails
+    (N, 4096)."""
+    kept: list[Image] = []
     hashes: list[np.ndarray] = []
     thumbs: list[np.ndarray] = []
-    for label in classes:
-        for p in sorted((root / label).rglob("*")):
-            if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
-                continue
-            try:
-                grey = read_image(p)
-                if min(grey.shape) < 8:
-                    raise DecodeError(f"image too small ({grey.shape[1]}x{grey.shape[0]})")
-            except DecodeError as e:
-                print(f"skip {p}: {e}", file=sys.stderr)
-                continue
-            rel = p.relative_to(root).as_posix()
-            images.append(Image(
-                path=str(p.resolve()), label=label, source=sources.get(rel, ""),
-                sha256=hashlib.sha256(p.read_bytes()).hexdigest(),
-                pixel_sha256=hashlib.sha256(np.ascontiguousarray(grey).tobytes()).hexdigest(),
-            ))
-            hashes.append(phash_bits(grey))
-            thumbs.append(thumbnail(grey))
-    for label in classes:
-        if not any(im.label == label for im in images):
-            raise DatasetError(f"{root / label}: no readable images")
-    return images, np.array(hashes, dtype=bool).reshape(-1, 64), np.array(thumbs, dtype=np.float32)
+    for im in images:
+        try:
+            data = Path(im.path).read_bytes()
+            sha = hashlib.sha256(data).hexdigest()
+            if im.sha256 and sha != im.sha256:
+                raise DecodeError("sha256 differs from the data's manifest (file changed)")
+            grey = read_image(im.path)
+            if min(grey.shape) < 8:
+                raise DecodeError(f"image too small ({grey.shape[1]}x{grey.shape[0]})")
+        except (DecodeError, OSError) as e:
+            print(f"skip {im.path}: {e}", file=sys.stderr)
+            continue
+        kept.append(replace(im, sha256=sha,
+                            pixel_sha256=hashlib.sha256(np.ascontiguousarray(grey).tobytes()).hexdigest()))
+        hashes.append(phash_bits(grey))
+        thumbs.append(thumbnail(grey))
+    for label in sorted({im.label for im in images}):
+        if not any(im.label == label for im in kept):
+            raise DatasetError(f"no readable {label} images")
+    return kept, np.array(hashes, dtype=bool).reshape(-1, 64), np.array(thumbs, dtype=np.float32)

@@ -16,24 +16,24 @@ from typing import Any, Sequence
 import numpy as np
 
 from xray_edge.contract import Preprocessing
-from xray_edge.preprocess import preprocess
-from xray_edge.train import augment
 from xray_edge.decode import read_image
+from xray_edge.preprocess import LungBox, preprocess
+from xray_edge.train import augment
 from xray_edge.train.data import Image
 
 DECODER = "xray_edge.decode.read_image/v1"  # part of the cache key: change when decoding changes
 DEFAULT_CACHE = Path.home() / ".cache" / "xray-edge" / "features"
 
 
-def onnx_runner(onnx_bytes: bytes):
-    """A function batch (N, S, S, 1) float32 -> first output, on onnxruntime's CPU provider."""
+def onnx_runner(onnx_bytes: bytes, output: int = 0):
+    """A function batch (N, S, S, 1) float32 -> the model's ``output``-th output, on onnxruntime's CPU provider."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     sess = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
-    name = sess.get_inputs()[0].name
-    return lambda batch: sess.run(None, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+    name, wanted = sess.get_inputs()[0].name, [sess.get_outputs()[output].name]
+    return lambda batch: sess.run(wanted, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
 
 def compare(reference: np.ndarray, other: np.ndarray, tolerance: float) -> dict[str, Any]:
@@ -52,33 +52,38 @@ def weights_digest(model: Any) -> str:
     return h.hexdigest()
 
 
-def view_input(image: Image, view: int, spec: Preprocessing, seed: int) -> np.ndarray:
-    """Model input (S, S, 1) of one view: view 0 is the clean image, view k >= 1 a seeded augmentation."""
+def view_input(image: Image, view: int, spec: Preprocessing, seed: int, recipe: str = "geometric",
+               lung_box: LungBox | None = None) -> np.ndarray:
+    """Model input (S, S, 1) of one view: view 0 is the clean image, view k >= 1 a seeded
+    augmentation by the named ``recipe`` (``augment.RECIPES``)."""
     grey = read_image(image.path)
     if view:
-        grey = augment.augment(grey, augment.view_rng(seed, image.sha256, view))
-    return preprocess(grey, spec)
+        grey = augment.augment(grey, augment.view_rng(seed, image.sha256, view), recipe)
+    return preprocess(grey, spec, lung_box)
 
 
-def view_key(image: Image, view: int, spec: Preprocessing, base_digest: str, seed: int) -> str:
+def view_key(image: Image, view: int, spec: Preprocessing, base_digest: str, seed: int,
+             recipe: str = "geometric") -> str:
     """Cache key of one view's features."""
     parts = {"image": image.sha256, "decoder": DECODER, "preprocessing": spec.key(), "base": base_digest,
              "view": view}
     if view:
-        parts |= {"augment": augment.RECIPE, "seed": seed}
+        parts |= {"augment": augment.RECIPES[recipe], "seed": seed}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
 def extract(run_base, views: Sequence[tuple[Image, int]], spec: Preprocessing, base_digest: str,
-            seed: int, cache_dir: Path, batch_size: int = 16) -> tuple[np.ndarray, dict[str, Any]]:
+            seed: int, cache_dir: Path, recipe: str = "geometric", lung_box: LungBox | None = None,
+            batch_size: int = 16) -> tuple[np.ndarray, dict[str, Any]]:
     """Features (N, ...) float16 of every (image, view), from the cache or computed with ``run_base``
     (and then cached as one float16 .npy per view). Also counts and timing."""
-    paths = [cache_dir / k[:2] / f"{k}.npy" for k in (view_key(im, v, spec, base_digest, seed) for im, v in views)]
+    paths = [cache_dir / k[:2] / f"{k}.npy"
+             for k in (view_key(im, v, spec, base_digest, seed, recipe) for im, v in views)]
     todo = [i for i, p in enumerate(paths) if not p.is_file()]
     t0 = time.perf_counter()
     for start in range(0, len(todo), batch_size):
         idx = todo[start:start + batch_size]
-        feats = run_base(np.stack([view_input(*views[i], spec, seed) for i in idx])).astype(np.float16)
+        feats = run_base(np.stack([view_input(*views[i], spec, seed, recipe, lung_box) for i in idx])).astype(np.float16)
         for i, f in zip(idx, feats):
             paths[i].parent.mkdir(parents=True, exist_ok=True)
             tmp = paths[i].with_suffix(f".{os.getpid()}.tmp")

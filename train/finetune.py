@@ -35,7 +35,7 @@ def fine_tune(base: Any, head: Any, x_train: np.ndarray, y_train: np.ndarray, x_
     keras.utils.set_random_seed(seed)
     set_block5_trainable(base, True)
     inp = keras.Input(base.input.shape[1:])
-    model = keras.Model(inp, head(base(inp)))
+    model = keras.Model(inp, head(base(inp)[1]))  # base: [block5_conv4, block5_pool]
     model.compile(optimizer=keras.optimizers.Adam(lr),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)

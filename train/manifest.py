@@ -1,8 +1,10 @@
 """The split manifest (split.csv next to the model), read by evaluation, export calibration and the
 benchmark. Standard library only, so it imports on any install.
 
-Columns: path (absolute), label (class name), source (origin from the dataset's manifest.csv),
-sha256 (of the file), group (duplicate/patient group id), split (train/val/test).
+Columns: path (relative to the data folder that holds the data roots, so a clone on another
+machine finds the images with ``--data`` or ``$XRAY_EDGE_DATA`` alone), label (class name), origin
+(the collection it comes from), age_group (adult/child), source (the data's own manifest entry),
+sha256 (of the file), group (duplicate/patient/study group id), split (train/val/test).
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Iterable, Sequence
 from xray_edge.contract import CLASSES
 
 SPLITS = ("train", "val", "test")
-COLUMNS = ("path", "label", "source", "sha256", "group", "split")
+COLUMNS = ("path", "label", "origin", "age_group", "source", "sha256", "group", "split")
 
 
 def write_manifest(path: Path, rows: Iterable[dict[str, str]]) -> None:

@@ -1,20 +1,34 @@
-"""The Keras VGG-19 transfer-learning model: in-graph preprocessing, frozen base, dense head.
+"""The Keras VGG-19 transfer-learning model: in-graph preprocessing, frozen base, dense head, and
+the outputs the runtime needs besides the class logits.
 
-The full model maps ``image`` (N, S, S, 1) grey in [0, 1] (see ``xray_edge.contract``) to class
-probabilities; its ``logits`` layer is what gets exported to ONNX. The base (preprocessing + VGG-19
-convolutions) and the head are separate models so the base can be run once per image and cached.
+The full model (``assemble``) maps ``image`` (N, S, S, 1) grey in [0, 1] (see
+``xray_edge.contract``) to four outputs, exported to ONNX under the same names:
+
+* ``logits`` (N, C): the class head on the VGG-19 block5_pool features;
+* ``age_logits`` (N, 2): adult / child, from the same features (``contract.AGE_GROUPS`` order);
+* ``ood_distance`` (N,): the smallest squared Mahalanobis distance of the image's pooled features to
+  a class mean of the training features (shared, shrunk covariance): the input gate's score;
+* ``cam`` (N, h, w, C): Grad-CAM of every class on block5_conv4, computed in the graph from the
+  head's own weights (``GradCAM``), so that heatmaps need no TensorFlow at run time.
+
+The base (preprocessing + VGG-19 convolutions) and the heads are separate models so the base can
+be run once per image and its features cached.
 """
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import keras
+import numpy as np
+from keras import ops
 
-from xray_edge.contract import CLASSES, INPUT_NAME, INPUT_SIZE, VGG_BGR_MEANS
+from xray_edge.contract import AGE_GROUPS, CLASSES, INPUT_NAME, INPUT_SIZE, VGG_BGR_MEANS
 
 WEIGHTS_ENV = "XRAY_EDGE_VGG19_WEIGHTS"
 HEADS = ("flatten", "gap")
+CAM_LAYER = "block5_conv4"
+OUTPUTS = ("logits", "age_logits", "ood_distance", "cam")
 
 
 def resolve_weights(weights: str | None) -> str | None:
@@ -31,7 +45,7 @@ def resolve_weights(weights: str | None) -> str | None:
 
 
 def build_base(weights: str | None, size: int = INPUT_SIZE) -> keras.Model:
-    """image (N, S, S, 1) in [0, 1] -> VGG-19 block5_pool features, frozen.
+    """image (N, S, S, 1) in [0, 1] -> [block5_conv4 activations, block5_pool features], frozen.
 
     In-graph steps: scale to 0..255, grey -> 3 channels, VGG "caffe" BGR mean subtraction."""
     inp = keras.Input((size, size, 1), name=INPUT_NAME)
@@ -43,6 +57,7 @@ def build_base(weights: str | None, size: int = INPUT_SIZE) -> keras.Model:
     vgg = keras.applications.VGG19(
         include_top=False, weights=resolve_weights(weights), input_shape=(size, size, 3)
     )
+    vgg = keras.Model(vgg.input, [vgg.get_layer(CAM_LAYER).output, vgg.output], name="vgg19")
     vgg.trainable = False
     return keras.Model(inp, vgg(x), name="base")
 
@@ -62,33 +77,141 @@ def build_head(feature_shape: tuple[int, ...], head: str = "gap", n_classes: int
     return keras.Model(inp, x, name=f"head_{head}")
 
 
-def assemble(base: keras.Model, head: keras.Model) -> keras.Model:
-    """base + head -> image to probabilities, with the head's output as layer ``logits``."""
+def build_age_head(n_features: int, seed: int = 0) -> keras.Model:
+    """pooled features -> age-group logits (adult, child): a linear layer on standardised inputs."""
+    inp = keras.Input((n_features,), name="pooled")
+    x = keras.layers.Normalization(name="standardise")(inp)  # adapted to the training features
+    x = keras.layers.Dense(len(AGE_GROUPS), kernel_initializer=keras.initializers.GlorotUniform(seed),
+                           kernel_regularizer=keras.regularizers.L2(1e-3), name="age_logits")(x)
+    return keras.Model(inp, x, name="head_age")
+
+
+def head_kind(head: keras.Model) -> str:
+    return "flatten" if any(isinstance(layer, keras.layers.Flatten) for layer in head.layers) else "gap"
+
+
+def dense_weights(head: keras.Model) -> list[np.ndarray]:
+    """[W1, b1, W2, b2, W3, b3] of the head's three Dense layers, in order."""
+    return [np.asarray(w) for layer in head.layers if isinstance(layer, keras.layers.Dense) for w in layer.get_weights()]
+
+
+@keras.saving.register_keras_serializable(package="xray_edge")
+class MahalanobisDistance(keras.layers.Layer):
+    """(N, D) features -> (N,) min over classes of the squared Mahalanobis distance
+    ``|(x - mean_c) @ whiten|^2`` (``whiten`` @ whiten.T = the inverse covariance)."""
+
+    def __init__(self, n_classes: int, n_features: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.n_classes, self.n_features = n_classes, n_features
+        self.whiten = self.add_weight(shape=(n_features, n_features), initializer="zeros", trainable=False, name="whiten")
+        self.centres = self.add_weight(shape=(n_classes, n_features), initializer="zeros", trainable=False,
+                                       name="centres")  # class means @ whiten
+
+    def call(self, x):
+        z = ops.expand_dims(ops.matmul(x, self.whiten), 1) - ops.expand_dims(self.centres, 0)
+        return ops.min(ops.sum(z * z, axis=-1), axis=-1)
+
+    def get_config(self) -> dict[str, Any]:
+        return super().get_config() | {"n_classes": self.n_classes, "n_features": self.n_features}
+
+
+@keras.saving.register_keras_serializable(package="xray_edge")
+class GradCAM(keras.layers.Layer):
+    """block5_conv4 activations A (N, h, w, K) -> Grad-CAM maps (N, h, w, C) of every class.
+
+    The class head is ``pool(maxpool2(A))`` (global average or flatten) -> Dense-ReLU -> Dense-ReLU
+    -> Dense; this layer holds a copy of its weights and differentiates it analytically: the
+    gradient of logit c with respect to the pooled input is W1 (m1 * (W2 (m2 * W3[:, c]))) with the
+    ReLU masks m of this image. Max pooling routes each window's gradient to its maximum, so the
+    Grad-CAM channel weight (the spatial mean of dlogit/dA) is the sum over block5_pool positions
+    of dlogit/dF divided by h * w, and the map is ReLU(sum_k weight_k A_k)."""
+
+    def __init__(self, kind: str, n_channels: int, pooled_shape: Sequence[int], hidden: Sequence[int],
+                 n_classes: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.kind, self.n_channels, self.n_classes = kind, n_channels, n_classes
+        self.pooled_shape, self.hidden = list(pooled_shape), list(hidden)
+        n_in = n_channels * (int(np.prod(pooled_shape)) if kind == "flatten" else 1)
+        sizes = [n_in, *hidden, n_classes]
+        self.dense = [(self.add_weight(shape=(a, b), initializer="zeros", trainable=False, name=f"w{i}"),
+                       self.add_weight(shape=(b,), initializer="zeros", trainable=False, name=f"b{i}"))
+                      for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))]
+
+    def call(self, a):
+        f = ops.max_pool(a, 2, 2)  # block5_pool
+        positions = int(np.prod(self.pooled_shape))
+        x = ops.reshape(f, (-1, positions * self.n_channels)) if self.kind == "flatten" else ops.mean(f, axis=(1, 2))
+        masks = []
+        for w, b in self.dense[:-1]:
+            x = ops.relu(ops.matmul(x, w) + b)
+            masks.append(ops.sign(x))  # the ReLU's gradient, 1 where it passed, 0 where it cut (no Cast op)
+        grad = ops.expand_dims(masks[-1], -1) * ops.expand_dims(self.dense[-1][0], 0)  # (N, units, C)
+        for (w, _), mask in zip(reversed(self.dense[1:-1]), reversed(masks[:-1])):
+            grad = ops.expand_dims(mask, -1) * ops.einsum("jk,nkc->njc", w, grad)
+        # d logit / d pooled input. Global average pooling spreads it evenly over the block5_pool
+        # positions, so its sum over them is the gradient itself; flatten has one per position.
+        grad = ops.einsum("ij,njc->nic", self.dense[0][0], grad)
+        if self.kind == "flatten":
+            grad = ops.sum(ops.reshape(grad, (-1, positions, self.n_channels, self.n_classes)), axis=1)
+        weights = grad / float(a.shape[1] * a.shape[2])
+        return ops.relu(ops.einsum("nhwk,nkc->nhwc", a, weights))
+
+    def get_config(self) -> dict[str, Any]:
+        return super().get_config() | {"kind": self.kind, "n_channels": self.n_channels, "pooled_shape": self.pooled_shape,
+                                       "hidden": self.hidden, "n_classes": self.n_classes}
+
+
+def grad_cam_layer(head: keras.Model, feature_shape: Sequence[int]) -> GradCAM:
+    """A GradCAM layer holding a copy of ``head``'s weights (``feature_shape``: block5_pool h, w, K)."""
+    weights = dense_weights(head)
+    layer = GradCAM(head_kind(head), int(feature_shape[-1]), list(feature_shape[:2]),
+                    [w.shape[1] for w in weights[0:-2:2]], weights[-1].shape[0], name="cam")
+    layer.set_weights(weights)
+    return layer
+
+
+def mahalanobis_layer(means: np.ndarray, whiten: np.ndarray) -> MahalanobisDistance:
+    layer = MahalanobisDistance(means.shape[0], means.shape[1], name="ood_distance")
+    layer.set_weights([whiten.astype(np.float32), (means @ whiten).astype(np.float32)])
+    return layer
+
+
+def assemble(base: keras.Model, head: keras.Model, age_head: keras.Model, means: np.ndarray,
+             whiten: np.ndarray) -> keras.Model:
+    """base + heads -> image to {logits, age_logits, ood_distance, cam} (``OUTPUTS``)."""
     inp = keras.Input(base.input.shape[1:], name=INPUT_NAME)
-    logits = keras.layers.Identity(name="logits")(head(base(inp)))
-    probs = keras.layers.Softmax(name="probabilities")(logits)
-    return keras.Model(inp, probs, name="xray_edge_vgg19")
+    conv4, pool = base(inp)
+    pooled = keras.layers.GlobalAveragePooling2D(name="pooled")(pool)
+    outputs = {
+        "logits": keras.layers.Identity(name="logits")(head(pool)),
+        "age_logits": keras.layers.Identity(name="age_logits")(age_head(pooled)),
+        "ood_distance": mahalanobis_layer(means, whiten)(pooled),
+        "cam": grad_cam_layer(head, pool.shape[1:])(conv4),
+    }
+    return keras.Model(inp, outputs, name="xray_edge_vgg19")
 
 
 def logits_model(model: keras.Model) -> keras.Model:
-    """The sub-model image -> logits (what is exported to ONNX)."""
+    """The sub-model image -> logits (what the Keras and TFLite benchmark rows run)."""
     return keras.Model(model.inputs, model.get_layer("logits").output, name="xray_edge_logits")
 
 
-def to_onnx(model: keras.Model, opset: int = 17, output_name: str | None = None) -> Any:
+def to_onnx(model: keras.Model, opset: int = 17, names: Sequence[str] | None = None) -> Any:
     """tf2onnx export (an ``onnx.ModelProto``) of a Keras model with one input ``image``
-    (N, S, S, 1) float32, dynamic batch, and one output (named ``output_name`` if given)."""
+    (N, S, S, 1) float32, dynamic batch. A model with dict outputs gives the graph outputs in
+    ``names`` order (default: the dict's keys), named so; list outputs keep tf2onnx's names."""
     import tensorflow as tf
     import tf2onnx
     from onnx import numpy_helper
 
     size = int(model.inputs[0].shape[1])
     spec = (tf.TensorSpec((None, size, size, 1), tf.float32, name=INPUT_NAME),)
+    keys = list(names or (model.output.keys() if isinstance(model.output, dict) else []))
 
     @tf.function(input_signature=spec)
     def forward(image):
         out = model(image, training=False)
-        return {output_name: out} if output_name else out
+        return [out[k] for k in keys] if keys else out
 
     # Constants that layers hold outside variables (the Normalization mean/variance) are captured by
     # the tf.function and would become extra graph inputs: turn them into initializers.
@@ -102,7 +225,21 @@ def to_onnx(model: keras.Model, opset: int = 17, output_name: str | None = None)
             graph.input.remove(inp)
             if inp.name in used:
                 graph.initializer.append(numpy_helper.from_array(captured[inp.name], inp.name))
-    if [i.name for i in graph.input] != [INPUT_NAME] or len(graph.output) != 1:
+    if [i.name for i in graph.input] != [INPUT_NAME] or (keys and len(graph.output) != len(keys)):
         raise RuntimeError(f"unexpected ONNX graph inputs {[i.name for i in graph.input]} / "
                            f"outputs {[o.name for o in graph.output]}")
+    for out, key in zip(list(graph.output), keys):
+        rename_value(proto, out.name, key)
     return proto
+
+
+def rename_value(proto: Any, old: str, new: str) -> None:
+    """Rename tensor ``old`` to ``new`` everywhere in the graph (node inputs/outputs, graph outputs)."""
+    if old == new:
+        return
+    for node in proto.graph.node:
+        node.output[:] = [new if o == old else o for o in node.output]
+        node.input[:] = [new if i == old else i for i in node.input]
+    for out in proto.graph.output:
+        if out.name == old:
+            out.name = new

@@ -1,4 +1,4 @@
-"""Training outputs besides the model: history CSVs, plots and the shortcut probe."""
+"""Training outputs besides the model: history CSVs, plots, and the Wilson interval."""
 from __future__ import annotations
 
 import csv
@@ -67,11 +67,6 @@ def plot_confusion(cm: Sequence[Sequence[int]], classes: Sequence[str], path: Pa
     plt.close(fig)
 
 
-def origin(source: str) -> str:
-    """``owner/repo`` of a dataset manifest source ``owner/repo@commit:path`` ('' if unknown)."""
-    return source.split("@", 1)[0] if "@" in source else source
-
-
 def wilson(k: int, n: int) -> list[float]:
     """Wilson score 95 % interval of a proportion k/n."""
     if n == 0:
@@ -80,18 +75,3 @@ def wilson(k: int, n: int) -> list[float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return [max(0.0, centre - half), min(1.0, centre + half)]
-
-
-def class_by_origin(pred: np.ndarray, y: np.ndarray, origins: Sequence[str], classes: Sequence[str],
-                    cls: str) -> dict[str, Any]:
-    """Accuracy on the images of class ``cls`` split by origin, and where the misclassified ones go."""
-    c = classes.index(cls)
-    origins = np.asarray(origins)
-    out = {}
-    for o in sorted(set(origins[y == c])):
-        sel = (y == c) & (origins == o)
-        k, n = int((pred[sel] == c).sum()), int(sel.sum())
-        wrong = pred[sel & (pred != c)]
-        out[o or "unknown"] = {"n": n, "accuracy": {"value": k / n, "ci95_wilson": wilson(k, n)},
-                               "misclassified_as": {classes[j]: int((wrong == j).sum()) for j in range(len(classes)) if j != c}}
-    return out

@@ -80,9 +80,10 @@ def near_duplicates(bits: np.ndarray, thumbs: np.ndarray, hamming: int, ncc: flo
 
 
 def group_images(paths: Sequence[str], pixel_hashes: Sequence[str], bits: np.ndarray, thumbs: np.ndarray,
-                 hamming: int, ncc: float) -> tuple[np.ndarray, dict[str, Any]]:
-    """Group ids (connected components over exact-pixel, near-duplicate and same-patient links) and
-    statistics on the links found."""
+                 hamming: int, ncc: float, given: Sequence[str] = ()) -> tuple[np.ndarray, dict[str, Any]]:
+    """Group ids (connected components over exact-pixel, near-duplicate, same-patient and
+    ``given`` links: images sharing a non-empty given group, e.g. a study id from the data's
+    manifest) and statistics on the links found."""
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components
 
@@ -90,7 +91,8 @@ def group_images(paths: Sequence[str], pixel_hashes: Sequence[str], bits: np.nda
     near, shortlisted = near_duplicates(bits, thumbs, hamming, ncc)
     exact = _same_key_links(list(pixel_hashes))
     patient = _same_key_links([patient_key(p) for p in paths])
-    e = np.concatenate([near, exact, patient])
+    manifest = _same_key_links([g or None for g in given] if len(given) else [None] * n)
+    e = np.concatenate([near, exact, patient, manifest])
     graph = coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n))
     _, groups = connected_components(graph, directed=False)
     sizes = np.bincount(groups)
@@ -101,6 +103,7 @@ def group_images(paths: Sequence[str], pixel_hashes: Sequence[str], bits: np.nda
         "exact_duplicate_links": len(exact),
         "near_duplicate_pairs": len(near),
         "same_patient_links": len(patient),
+        "manifest_group_links": len(manifest),
         "groups": int(len(sizes)),
         "images_in_multi_image_groups": int(sizes[sizes > 1].sum()),
         "largest_group": int(sizes.max()),
@@ -110,7 +113,8 @@ def group_images(paths: Sequence[str], pixel_hashes: Sequence[str], bits: np.nda
 
 def stratified_group_split(labels: np.ndarray, groups: np.ndarray, test_fraction: float,
                            val_fraction: float, seed: int) -> np.ndarray:
-    """'train'/'val'/'test' per image. Test is one fold of StratifiedGroupKFold with
+    """'train'/'val'/'test' per image, stratified by ``labels`` (pass class x origin strata to
+    keep every origin's share of every class). Test is one fold of StratifiedGroupKFold with
     round(1/test_fraction) folds; validation is one fold of the rest with
     round((1 - test share) / val_fraction) folds (val_fraction is a share of the whole set)."""
     from sklearn.model_selection import StratifiedGroupKFold
