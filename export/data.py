@@ -32,7 +32,7 @@ class Images:
 
 
 def data_root(given: Path | None) -> Path | None:
-    """``--data`` or else ``$XRAY_EDGE_DATA`` (None: the manifest's paths are used as written)."""
+    """``--data`` or else ``$XRAY_EDGE_DATA`` (None: only absolute manifest paths can be read)."""
     root = given or (Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else None)
     if root is not None and not root.is_dir():
         raise ExportDataError(f"{root}: data root is not a folder")
@@ -40,12 +40,8 @@ def data_root(given: Path | None) -> Path | None:
 
 
 class SplitManifest:
-    """One split.csv: rows by split, with paths resolved against the data root.
-
-    Relative paths are joined to the data root. Absolute paths are used as written unless they do
-    not exist and a data root is given: then they are taken relative to the manifest's common root
-    (the dataset folder it was written from) and re-rooted there (a dataset moved or mounted
-    elsewhere)."""
+    """One split.csv: rows by split, with relative paths resolved against the data folder
+    (absolute paths, from a hand-made manifest, are used as written)."""
 
     def __init__(self, manifest_csv: Path, classes: Sequence[str], root: Path | None):
         self.path = manifest_csv
@@ -59,20 +55,16 @@ class SplitManifest:
         if unknown:
             raise ExportDataError(f"{manifest_csv}: labels {unknown} are not among the model's classes {self.classes}")
         self.sha256 = {r["path"]: r["sha256"] for r in rows}
-        absolute = [r["path"] for r in rows if os.path.isabs(r["path"])]
-        self.written_root = Path(os.path.commonpath(absolute)) if absolute else None
         self.counts = {s: dict(Counter(r["label"] for r in rows if r["split"] == s)) for s in ("train", "val", "test")}
 
     def resolve(self, path: str) -> Path:
         p = Path(path)
-        if not p.is_absolute():
-            if self.root is None:
-                raise ExportDataError(f"{self.path}: paths are relative to the dataset; give --data DIR "
-                                      f"(or set {DATA_ENV})")
-            return self.root / p
-        if self.root is not None and not p.exists() and self.written_root is not None:
-            return self.root / p.relative_to(self.written_root)
-        return p
+        if p.is_absolute():
+            return p
+        if self.root is None:
+            raise ExportDataError(f"{self.path}: its paths are relative to the data folder; give it with --data DIR "
+                                  f"(or set {DATA_ENV}), e.g. ../shared/data")
+        return self.root / p
 
     def items(self, split: str) -> list[tuple[str, int]]:
         """``(manifest path, label index)`` of every image of ``split``."""

@@ -59,6 +59,18 @@ def _metric_rows(models: Sequence[tuple[Path, ModelRecord]], split: str, per_cla
     return rows
 
 
+def _cross_origin(cross: dict[str, Any] | None) -> list[str]:
+    """The training run's leave-one-origin-out summary (carried in the record)."""
+    if not cross:
+        return ["### Cross-origin (leave-one-origin-out)", "", "Not measured for this model."]
+    rows = [f"| {o} | {f['n']} | {f['macro_f1']:.3f} |" for o, f in cross["origins"].items()]
+    return ["### Cross-origin (leave-one-origin-out, Keras model, argmax)", "",
+            "Heads trained without any image of one origin, tested on all of its images (macro-F1 over the classes "
+            "that origin has). Full per-class figures: `train/results/metrics.json`.", "",
+            "| held-out origin | images | macro-F1 |", "|---|---:|---:|", *rows,
+            f"| **mean** | | **{cross['mean_macro_f1']:.3f}** |"]
+
+
 def render(models: Sequence[tuple[Path, ModelRecord]], shipped: Path | None) -> str:
     """The generated section (without markers) for ``models`` (path, record) in variant order."""
     models = sorted(models, key=lambda m: VARIANTS.index(m[1].variant))
@@ -68,11 +80,17 @@ def render(models: Sequence[tuple[Path, ModelRecord]], shipped: Path | None) -> 
                                  "(exported without a split manifest)")
     first = models[0][1]
     n_boot = first.metrics["test"].get("n_boot")
+    gates = ", ".join(f"{r.variant.upper()} {r.gate.threshold:.1f}" for _, r in models if r.gate)
     out = [
         f"Model `{first.model_name}` version `{first.model_version}`; source Keras model sha256 "
         f"`{first.source_model_sha256}`; split manifest (split.csv) sha256 `{first.data_manifest_sha256}`.",
         f"Temperature {first.temperature:.4f}; thresholds "
-        + (", ".join(f"{k} {v:.4f}" for k, v in first.thresholds.items()) or "none") + ".",
+        + (", ".join(f"{k} {v:.4f}" for k, v in first.thresholds.items()) or "none")
+        + f"; 'uncertain, refer' when the top two probabilities are within {first.abstain_margin:.3f}"
+        + (f"; input gate: squared Mahalanobis distance above the {first.gate.quantile:.0%} quantile of the "
+           f"validation images' ({gates}) is rejected" if first.gate else "")
+        + (f"; classes seen per age group: " + ", ".join(f"{c} {'/'.join(g)}" for c, g in first.seen_age_groups.items())
+           if first.seen_age_groups else "") + ".",
         "",
         "### Files",
         "",
@@ -83,7 +101,8 @@ def render(models: Sequence[tuple[Path, ModelRecord]], shipped: Path | None) -> 
         g = r.metrics["gate"]
         gate = (f"Keras check: max abs prob. diff {g['max_abs_prob_diff']:.1e} on {g['n']} {g['images']} images"
                 if g.get("reference") == "keras" else
-                f"agreement {g['argmax_agreement']:.2%}, accuracy drop {g['accuracy_drop_points']:+.2f} points")
+                "; ".join(f"{s}: agreement {g[s]['argmax_agreement']:.2%}, accuracy drop "
+                          f"{g[s]['accuracy_drop_points']:+.2f} points" for s in ("val", "test")))
         gate += " (FORCED: failed its gate)" if r.forced else ""
         out.append(f"| {r.variant} | `{path.name}` | {path.stat().st_size / 2**20:.1f} | `{sha256_file(path)}` | {gate} |")
     for path, r in models:
@@ -101,7 +120,8 @@ def render(models: Sequence[tuple[Path, ModelRecord]], shipped: Path | None) -> 
         per = counts.get(split, {})
         out.append(f"| {split} | " + " | ".join(str(per.get(c, 0)) for c in first.classes)
                    + f" | {sum(per.values())} |")
-    out += ["", f"### Test metrics (n = {first.metrics['test']['n']}, 95 % bootstrap CI, {n_boot} resamples)", "",
+    out += ["", *_cross_origin(first.metrics.get("cross_origin")),
+            "", f"### Test metrics (n = {first.metrics['test']['n']}, 95 % bootstrap CI, {n_boot} resamples)", "",
             "Class decisions by argmax of the probabilities (the per-class thresholds are not applied here).", "",
             *_metric_rows(models, "test", per_class=True),
             "", f"### Validation metrics (n = {first.metrics['val']['n']})", "",

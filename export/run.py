@@ -1,6 +1,7 @@
 """The export pipeline: Keras -> checked FP32 ONNX -> FP16 / INT8 variants, each gated against
-FP32 on the validation split, measured on validation and test through the runtime, and written
-with its record only if every variant passed (or with ``force``, marked ``forced``)."""
+FP32 on the validation and test splits, measured through the runtime, its input-gate threshold
+calibrated on its own validation distances, and written with its record only if every variant
+passed (or with ``ignore_gate``, marked ``forced``)."""
 from __future__ import annotations
 
 import logging
@@ -16,9 +17,8 @@ import numpy as np
 
 from xray_edge.contract import VARIANTS, ModelContractError, ModelRecord, attach_record
 
-from .data import (ExportDataError, Images, SplitManifest, data_root, generated_images, load_images, sha256_file,
-                   stratified_sample)
-from .gate import describe, gate, reports, runtime_probs
+from .data import ExportDataError, Images, SplitManifest, data_root, generated_images, load_images, stratified_sample
+from .gate import describe, gate, reports, runtime_outputs
 
 
 class ExportRefused(RuntimeError):
@@ -38,7 +38,8 @@ class ExportOptions:
     check_images: int = 32
     n_boot: int = 200
     seed: int = 0
-    force: bool = False
+    ignore_gate: bool = False
+    force: bool = False  # overwrite files already in ``out``
 
 
 @dataclass
@@ -69,19 +70,26 @@ def read_record(path: Path) -> ModelRecord:
     return ModelRecord.from_json(path.read_text(), source=str(path))
 
 
+def target_path(opts: ExportOptions, record: ModelRecord, variant: str) -> Path:
+    return opts.out / f"{record.model_name}-{variant}.onnx"
+
+
 def read_inputs(opts: ExportOptions, size: int) -> Inputs:
     """The training record (with the source model's sha256), the split's images and the images the
     FP32 conversion is checked on."""
+    from xray_edge.contract import sha256_file
+
     folder = opts.model.parent
     record = read_record(opts.record or folder / "record.json")
     if size != record.preprocessing.size:
         raise ModelContractError(f"{opts.model}: input size {size} differs from the record's {record.preprocessing.size}")
-    record = replace(record, source_model_sha256=sha256_file(opts.model), forced=False, metrics={})
+    record = replace(record, source_model_sha256=sha256_file(opts.model), forced=False,
+                     metrics={k: v for k, v in record.metrics.items() if k == "cross_origin"})
     split_csv = opts.split or folder / "split.csv"
     if not split_csv.is_file():
         if opts.variants != ["fp32"]:
             raise ExportDataError(f"{split_csv}: no split manifest; fp16/int8 need its training images "
-                                  "(calibration) and validation images (gate); give --split and --data")
+                                  "(calibration) and validation/test images (gate); give --split and --data")
         print(f"no split manifest ({split_csv}): checking the conversion on {opts.check_images} generated "
               "images only; no gate, no validation or test metrics", file=sys.stderr)
         return Inputs(record, {}, None, {}, generated_images(opts.check_images, size, opts.seed), "generated")
@@ -100,53 +108,66 @@ def read_inputs(opts: ExportOptions, size: int) -> Inputs:
     return Inputs(record, sets, calibration, manifest.counts, sets["val"].x[pick], "val")
 
 
-def _save(proto: Any, record: ModelRecord, path: Path) -> None:
+def _save(proto: Any, record: ModelRecord, path: Path) -> ModelRecord:
     import onnx
 
-    attach_record(proto, record)
+    sealed = attach_record(proto, record)
     onnx.save(proto, str(path))
+    return sealed
 
 
 def measure(variant: str, proto: Any, path: Path, inputs: Inputs, opts: ExportOptions,
-            reference: np.ndarray | None, check: dict[str, Any] | None = None,
+            reference: dict[str, np.ndarray] | None, check: dict[str, Any] | None = None,
             extra: dict[str, Any] | None = None) -> tuple[Exported, dict[str, np.ndarray]]:
     """Save ``proto`` to ``path``, run it through the runtime on val and test, gate it against the
-    FP32 ``reference`` val probabilities (FP32 itself: its Keras ``check``) and store the record
-    with this variant's own metrics. Returns the variant and its probabilities per split."""
+    FP32 ``reference`` probabilities of both splits (FP32 itself: its Keras ``check``), calibrate its
+    input gate on its own validation distances, and store the record with this variant's metrics.
+    Returns the variant and its probabilities per split."""
+    from xray_edge.train.ood import calibrate
+
     record = replace(inputs.record, variant=variant)
     _save(proto, record, path)  # the runtime only loads files with a record
     sizes = " + ".join(f"{len(images.y)} {split}" for split, images in inputs.sets.items())
     if sizes:
         print(f"{variant}: evaluating on {sizes} images", file=sys.stderr)
-    probs = runtime_probs(path, {split: images.x for split, images in inputs.sets.items()})
-    figures = check if check is not None else gate(reference, probs["val"], inputs.sets["val"].y)
-    if check is None:
-        print(describe(variant, figures), file=sys.stderr)
-    record.forced = not figures["passed"]  # only written so when --force is given
+    out = runtime_outputs(path, {split: images.x for split, images in inputs.sets.items()})
+    probs = {split: o.probs for split, o in out.items()}
     y = {split: images.y for split, images in inputs.sets.items()}
-    record.metrics = {**reports(probs, y, record.classes, opts.n_boot, opts.seed), "gate": figures,
-                      "split_counts": inputs.split_counts, **(extra or {})}
-    _save(proto, record, path)
-    return Exported(variant, path, record, figures), probs
+    if check is not None:
+        figures = check
+    else:
+        figures = {split: gate(reference[split], probs[split], y[split], split) for split in ("val", "test")}
+        figures["passed"] = all(f["passed"] for f in figures.values())
+        for split in ("val", "test"):
+            print(describe(variant, figures[split]), file=sys.stderr)
+    if record.gate is not None and "val" in out:
+        record.gate = calibrate(out["val"].ood, record.gate.quantile)
+    record.forced = not figures["passed"]  # only written so when ignore_gate is given
+    record.metrics = {**inputs.record.metrics, **reports(probs, y, record.classes, opts.n_boot, opts.seed),
+                      "gate": figures, "split_counts": inputs.split_counts, **(extra or {})}
+    sealed = _save(proto, record, path)
+    return Exported(variant, path, sealed, figures), probs
 
 
 def export_variants(opts: ExportOptions) -> list[Exported]:
     """Run the whole export; returns the written variants. Raises ExportRefused (nothing written)
-    if the FP32 check fails, or a gate fails without ``force``; ExportDataError or
+    if the FP32 check fails, or a gate fails without ``ignore_gate``; ExportDataError or
     ModelContractError on unusable input."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.getLogger("tf2onnx").setLevel(logging.ERROR)
-    import keras
-    import onnx
-
-    from .convert import check_against_keras, keras_to_onnx
-    from .quantize import to_fp16, to_int8
-
     unknown = [v for v in opts.variants if v not in VARIANTS]
     if unknown or not opts.variants:
         raise ExportDataError(f"--variants must name some of {list(VARIANTS)}, got {opts.variants}")
     if not opts.model.is_file():
         raise ExportDataError(f"{opts.model}: Keras model not found")
+    import keras
+    import onnx
+
+    import xray_edge.train.model  # noqa: F401 (registers the model's own layers with Keras)
+
+    from .convert import check_against_keras, keras_to_onnx
+    from .quantize import to_fp16, to_int8
+
     try:
         model = keras.models.load_model(opts.model, compile=False)
         model.get_layer("logits")
@@ -154,7 +175,12 @@ def export_variants(opts: ExportOptions) -> list[Exported]:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ExportDataError(f"{opts.model}: not an xray-edge Keras model with a 'logits' layer ({reason})") from None
     inputs = read_inputs(opts, int(model.input.shape[1]))
+    existing = [p for v in opts.variants if (p := target_path(opts, inputs.record, v)).exists()]
+    if existing and not opts.force:
+        raise ExportDataError(f"{', '.join(map(str, existing))} already exist(s); give another --out or --force "
+                              "to overwrite")
 
+    print("fp32: converting with tf2onnx and checking against Keras", file=sys.stderr)
     fp32 = keras_to_onnx(model)
     check = {"reference": "keras", **check_against_keras(model, fp32, inputs.check_x, inputs.check_images)}
     print(describe("fp32", check), file=sys.stderr)
@@ -168,21 +194,22 @@ def export_variants(opts: ExportOptions) -> list[Exported]:
         done, probs32 = measure("fp32", fp32, staging / "fp32.onnx", inputs, opts, None, check=check)
         built = [done]
         if "fp16" in opts.variants:
-            built.append(measure("fp16", to_fp16(fp32), staging / "fp16.onnx", inputs, opts, probs32["val"])[0])
+            built.append(measure("fp16", to_fp16(fp32), staging / "fp16.onnx", inputs, opts, probs32)[0])
         if "int8" in opts.variants:
             path = staging / "int8.onnx"
             print(f"int8: {opts.calibration} calibration on {len(inputs.calibration.y)} training images",
                   file=sys.stderr)
             settings = to_int8(staging / "fp32.onnx", path, inputs.calibration.x, opts.calibration)
-            built.append(measure("int8", onnx.load(str(path)), path, inputs, opts, probs32["val"],
+            built.append(measure("int8", onnx.load(str(path)), path, inputs, opts, probs32,
                                  extra={"quantization": settings})[0])
-        refused = [describe(b.variant, b.figures) for b in built if not b.figures["passed"]]
-        if refused and not opts.force:
-            raise ExportRefused("; ".join(refused) + "; nothing written (--force writes it anyway, marked forced)")
+        refused = [describe(b.variant, b.figures[s]) for b in built if not b.figures["passed"]
+                   for s in ("val", "test") if s in b.figures and not b.figures[s]["passed"]]
+        if refused and not opts.ignore_gate:
+            raise ExportRefused("; ".join(refused) + "; nothing written (--ignore-gate writes it anyway, marked forced)")
         written = []
         for b in built:
             if b.variant in opts.variants:
-                final = opts.out / f"{b.record.model_name}-{b.variant}.onnx"
+                final = target_path(opts, b.record, b.variant)
                 os.replace(b.path, final)
                 written.append(replace(b, path=final))
         return written
