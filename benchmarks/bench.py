@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,11 +19,12 @@ from xray_edge.benchmarks import evalset, formats
 from xray_edge.benchmarks.config import Settings, shown
 from xray_edge.benchmarks.formats import BATCH, Format
 from xray_edge.benchmarks.machine import describe, load_average
+from xray_edge.benchmarks.worker import PROGRESS
 from xray_edge.contract import ModelContractError, ModelRecord
 from xray_edge.export.data import sha256_file
 
 SCHEMA = "xray-edge/benchmark"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 BUILD_SIDECAR = ".build.json"  # next to a file this benchmark built: what it was built from
 
 
@@ -55,20 +57,35 @@ def reference_record(s: Settings) -> tuple[ModelRecord, str]:
 
 
 def child(job: dict[str, Any], work: Path, threads: int, timeout: float) -> dict[str, Any]:
-    """Run ``job`` in ``python -m xray_edge.benchmarks.worker``; its result, or ``{"error": ...}``."""
+    """Run ``job`` in ``python -m xray_edge.benchmarks.worker``; its result, or ``{"error": ...}``.
+    The worker's progress lines are passed on to stderr; everything it prints goes to its log. The
+    worker is killed on timeout or when this process is interrupted."""
     folder = work / f"{job['mode']}-{job.get('format', 'e2e')}"
     folder.mkdir(parents=True, exist_ok=True)
     job = job | {"out": str(folder)}
     (folder / "job.json").write_text(json.dumps(job))
-    env = os.environ | {"OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = os.environ | {"OMP_NUM_THREADS": str(threads), "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONUNBUFFERED": "1"}
     logfile = folder / "log.txt"
+    proc = subprocess.Popen([sys.executable, "-m", "xray_edge.benchmarks.worker", str(folder / "job.json")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True, errors="replace")
+    timed_out = threading.Event()
+    timer = threading.Timer(timeout, lambda: (timed_out.set(), proc.kill()))
+    timer.start()
     try:
         with logfile.open("w") as f:
-            proc = subprocess.run([sys.executable, "-m", "xray_edge.benchmarks.worker", str(folder / "job.json")],
-                                  stdout=f, stderr=subprocess.STDOUT, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
+            for line in proc.stdout:
+                f.write(line)
+                if line.startswith(PROGRESS):
+                    log(f"  {line[len(PROGRESS):].rstrip()}")
+        proc.wait()
+    finally:
+        timer.cancel()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
     result = folder / "result.json"
+    if timed_out.is_set():
+        return {"error": f"timed out after {timeout:.0f} s"}
     if result.is_file():
         return json.loads(result.read_text())
     lines = [line for line in logfile.read_text(errors="replace").splitlines() if line.strip()]
@@ -160,6 +177,7 @@ def measure_format(fmt: Format, path: Path, s: Settings, record: ModelRecord, im
         "peak_rss_mb": result["peak_rss_mb"],
         "rss_delta_mb": result["rss_delta_mb"],
         "record_source_sha256": result["record_source_sha256"],
+        "_decisions": result["decisions"],
     }
     return row, np.load(Path(work) / f"measure-{fmt.name}" / "probs.npy")
 
@@ -187,6 +205,55 @@ def add_metrics(rows: list[dict[str, Any]], probs: dict[str, np.ndarray], y: np.
             row["agreement_fp32"] = float(np.mean(p.argmax(1) == ref.argmax(1)))
             row["max_prob_diff_fp32"] = float(np.abs(p - ref).max())
             row["fp32_reference"] = reference
+        decisions = row.pop("_decisions", None)
+        if decisions:
+            row |= decision_stats(decisions, y, classes)
+
+
+def decision_stats(decisions: list[dict[str, Any]], y: np.ndarray, classes: list[str]) -> dict[str, Any]:
+    """What the record's rules (``decision.decide``, as in classify) make of the labelled images:
+    share rejected by the input gate, share "uncertain", accuracy of the rest, and COVID
+    sensitivity / PPV at its threshold among the decided images and with uncertain ones referred."""
+    kind = np.array([d["decision"] for d in decisions])
+    label = np.array([d["label"] for d in decisions])
+    truth = np.array(classes)[y]
+    decided = (kind == "positive") | (kind == "negative")
+    out = {"rejected_rate": float(np.mean(kind == "rejected")), "uncertain_rate": float(np.mean(kind == "uncertain")),
+           "decided_accuracy": float(np.mean(label[decided] == truth[decided])) if decided.any() else None}
+    if "COVID" in classes:
+        flagged = np.array(["COVID" in d["flagged"] for d in decisions])
+        covid = truth == "COVID"
+        hit = flagged & decided
+        out["covid_sensitivity_decided"] = float(hit[covid & decided].mean()) if (covid & decided).any() else None
+        out["covid_ppv_decided"] = float(covid[hit].mean()) if hit.any() else None
+        out["covid_flagged_or_referred"] = float((hit | (kind == "uncertain"))[covid].mean()) if covid.any() else None
+    return out
+
+
+def add_throughput(rows: list[dict[str, Any]], paths: dict[str, Path], peak: dict[str, Any] | None,
+                   notes: list[str]) -> None:
+    """Achieved GMAC/s of every measured row (the model's MACs, counted on an ONNX file of it, over
+    the batch-1 and batch-8 times) and, for int8 engines, its share of the measured int8 peak."""
+    from xray_edge.benchmarks.macs import count_macs
+
+    source = next((paths[name] for name in ("onnx_fp32", "onnx_int8", "onnx_fp16")
+                   if name in paths and paths[name].is_file()), None)
+    if source is None or formats.missing_modules(("onnx",)):
+        notes.append("no MAC count (needs an ONNX file of the model and the onnx package): no GMAC/s columns")
+        return
+    import onnx
+
+    gmac = sum(count_macs(onnx.load(str(source)))[0].values()) / 1e9
+    peak_gmac = (peak or {}).get("gmac_per_s")
+    for row in rows:
+        if row["status"] != "ok":
+            continue
+        row["gmac_per_image"] = gmac
+        row["b1_gmac_per_s"] = gmac / (row["b1_median_ms"] / 1000)
+        if row.get("b8_ms_per_image"):
+            row["b8_gmac_per_s"] = gmac / (row["b8_ms_per_image"] / 1000)
+        if peak_gmac and row["format"].endswith("int8"):
+            row["share_of_int8_peak"] = row.get("b8_gmac_per_s", row["b1_gmac_per_s"]) / peak_gmac
 
 
 def provenance_notes(rows: list[dict[str, Any]], keras: Path | None) -> list[str]:
@@ -202,8 +269,9 @@ def provenance_notes(rows: list[dict[str, Any]], keras: Path | None) -> list[str
 def end_to_end(s: Settings, rows: list[dict[str, Any]], path: Path | None, images: evalset.Images,
                work: Path) -> dict[str, Any]:
     """The classify pipeline against inference alone with ``s.e2e_format``, on real images and on
-    generated full-size PNGs."""
-    from xray_edge.benchmarks.e2e import make_fullsize
+    generated full-size files of every kind in ``config.FULLSIZE``."""
+    from xray_edge.benchmarks.config import FULLSIZE
+    from xray_edge.benchmarks.e2e import FULLSIZE_TITLES, make_fullsize
 
     row = next((r for r in rows if r["format"] == s.e2e_format), None)
     if row is None or row["status"] != "ok":
@@ -211,27 +279,37 @@ def end_to_end(s: Settings, rows: list[dict[str, Any]], path: Path | None, image
     real = images.paths[: s.e2e_images]
     sets = {"real": real}
     described = {"real": f"{len(real)} of the benchmark's real images, as stored"}
-    if s.fullsize:
-        made = make_fullsize(real[: s.fullsize], work / "fullsize", s.fullsize_px, s.seed)
-        sets["fullsize"] = made
-        described["fullsize"] = (f"{len(made)} generated {s.fullsize_px}x{s.fullsize_px} 16-bit grey PNGs: real images "
-                                 "upscaled (bicubic) + Gaussian noise sd 0.5 % "
-                                 f"(mean {np.mean([os.path.getsize(p) for p in made]) / 2**20:.1f} MiB per file)")
-    log(f"[e2e] classify pipeline vs inference alone with {s.e2e_format}")
-    job = {"mode": "e2e", "path": str(path), "threads": s.threads, "sets": sets}
+    for kind, px in FULLSIZE.items() if s.fullsize else ():
+        px = s.fullsize_px or px
+        log(f"[e2e] generating {s.fullsize} {px}x{px} {FULLSIZE_TITLES[kind]} files")
+        try:
+            sets[kind] = make_fullsize(kind, real[: s.fullsize], work / kind, px, s.seed)
+        except Exception as e:  # e.g. no JPEG 2000 encoder installed: that set is left out, with a note
+            log(f"[e2e] {kind} left out: cannot write it ({type(e).__name__}: {str(e)[:150]})")
+            continue
+        described[kind] = (f"{s.fullsize} generated {px}x{px} {FULLSIZE_TITLES[kind]} files: real images upscaled "
+                           "(bicubic) + Gaussian noise sd 0.5 %")
+    ood = None
+    if s.gate_sets:
+        from xray_edge.benchmarks.oodsets import write_sets
+
+        ood = write_sets(work / "ood")
+    log(f"[e2e] classify pipeline vs inference alone with {s.e2e_format}" + (", heatmap cost, input gate" if ood else ""))
+    job = {"mode": "e2e", "path": str(path), "threads": s.threads, "sets": sets, "ood": ood}
     result = child(job, work, s.threads, s.timeout)
     if "error" in result:
         return {"format": s.e2e_format, "error": result["error"]}
     return {"format": s.e2e_format, "threads": s.threads,
-            "sets": {name: {"description": described[name], **result[name]} for name in sets}}
+            "sets": {name: {"description": described[name], **result["sets"][name]} for name in sets},
+            "heatmaps": result["heatmaps"], "gate": result["gate"]}
 
 
 def run(s: Settings, command: str = "") -> dict[str, Any]:
     """The whole benchmark; returns the results document (see ``report`` for the files)."""
     if s.data is None:
         raise BenchmarkError("no images: give --data (a class-folder root or a split.csv) or a --config")
-    if not formats.module_available("sklearn"):
-        raise BenchmarkError("the metrics need scikit-learn: pip install 'xray-edge[bench]'")
+    if formats.missing_modules(("sklearn",)):
+        raise BenchmarkError('the metrics need scikit-learn: pip install "xray-edge[bench]"')
     machine = describe(s.threads)
     notes = []
     if machine["load_average_start"] and machine["load_average_start"][0] > 0.5 * (machine["cores_usable"] or 1):
@@ -254,6 +332,10 @@ def run(s: Settings, command: str = "") -> dict[str, Any]:
             if p is not None:
                 probs[fmt.name] = p
         add_metrics(rows, probs, images.y, record.classes, s.n_boot, s.seed)
+        if s.peak:
+            log("[peak] int8 micro-benchmark")
+            machine["int8_peak"] = child({"mode": "peak", "threads": s.threads}, work, s.threads, s.timeout)
+        add_throughput(rows, paths, machine.get("int8_peak"), notes)
         notes += provenance_notes(rows, s.models.get("keras_fp32"))
         if probs and not any(name in probs for name in formats.FP32_REFERENCES):
             notes.append("no FP32 reference (onnx_fp32 or keras_fp32) was measured: no agreement column")

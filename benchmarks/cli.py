@@ -1,6 +1,8 @@
 """``xray-edge benchmark``: every model format on the same images, in one table (size, load time,
-accuracy and screening metrics, agreement with FP32, latency, throughput, memory), plus the
-classify pipeline end to end; written as RESULTS.md, results.json, results.csv and results.png."""
+accuracy and screening metrics, agreement with FP32, latency, throughput and its share of the
+CPU's int8 peak, memory, the record's gate and abstain rules), plus the classify pipeline end to
+end on real and full-size clinical files, the heatmap cost and the input gate on images the
+model was not built for; written as RESULTS.md, results.json, results.csv and results.png."""
 from __future__ import annotations
 
 import shlex
@@ -48,8 +50,10 @@ def benchmark(
     seed: Annotated[Optional[int], typer.Option(help="Seed of the subsets. (default: 0)")] = None,
     model: Annotated[Optional[list[str]], typer.Option(
         help="FORMAT=PATH, repeatable; formats: keras_fp32, onnx_fp32, onnx_fp16, onnx_int8, tflite_fp32, "
-             "tflite_int8.")] = None,
-    formats: Annotated[Optional[str], typer.Option(help="Comma-separated formats to run. (default: all)")] = None,
+             "tflite_int8. (default: the installed model as onnx_int8)")] = None,
+    formats: Annotated[Optional[str], typer.Option(
+        help="Comma-separated formats to run; formats without a file are built from keras_fp32. "
+             "(default: the formats given a model)")] = None,
     build: Annotated[Optional[bool], typer.Option(
         "--build/--no-build", help="Build missing formats from the Keras model (needs the train extra). "
                                    "[default: build]")] = None,
@@ -67,12 +71,25 @@ def benchmark(
         help="ONNX format for the end-to-end classify measurement ('' to skip). (default: onnx_int8)")] = None,
     e2e_images: Annotated[Optional[int], typer.Option(help="Real images for it. (default: 64)")] = None,
     fullsize: Annotated[Optional[int], typer.Option(
-        help="Generated full-size 16-bit PNGs for it. (default: 8)")] = None,
-    fullsize_px: Annotated[Optional[int], typer.Option(help="Their width and height. (default: 2500)")] = None,
+        help="Generated full-size files per kind (16-bit PNG, DICOM, JPEG 2000 DICOM, JPEG) for it. "
+             "(default: 6)")] = None,
+    fullsize_px: Annotated[Optional[int], typer.Option(
+        help="Their width and height. (default: 2500 for PNG, 3000 for the others)")] = None,
+    gate_sets: Annotated[Optional[bool], typer.Option(
+        "--gate-sets/--no-gate-sets", help="Run the input gate on photos, CT/MR slices and generated images. "
+                                           "[default: gate-sets]")] = None,
+    peak: Annotated[Optional[bool], typer.Option(
+        "--peak/--no-peak", help="Measure the CPU's int8 peak (a 3 s micro-benchmark). [default: peak]")] = None,
     out: Annotated[Optional[Path], typer.Option(
-        help="Folder for RESULTS.md and results.*. (default: benchmark-results)")] = None,
+        help="Folder for RESULTS.md and results.*. (default: a new folder runs/benchmark-<date>-<time>)")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite results already in --out.")] = False,
 ) -> None:
-    """Benchmark every model format (Keras, ONNX FP32/FP16/INT8, TFLite FP32/INT8) on the same images."""
+    """Benchmark model formats (Keras, ONNX FP32/FP16/INT8, TFLite FP32/INT8) on the same images
+    (needs the bench extra: pip install "xray-edge[bench]"; Keras/TFLite rows and builds need
+    the train extra)."""
+    from xray_edge.extras import require
+
+    require("bench", "sklearn")
     from xray_edge.benchmarks import bench, report
     from xray_edge.benchmarks.config import settings
 
@@ -80,13 +97,16 @@ def benchmark(
                  formats=formats, build=build, build_dir=build_dir, calibration=calibration,
                  calibration_images=calibration_images, threads=threads, warmup=warmup, runs=runs,
                  seconds=seconds, timeout=timeout, n_boot=n_boot, e2e_format=e2e_format, e2e_images=e2e_images,
-                 fullsize=fullsize, fullsize_px=fullsize_px, out=out)
-    command = _command({"config": config, **given})
+                 fullsize=fullsize, fullsize_px=fullsize_px, gate_sets=gate_sets, peak=peak, out=out)
+    command = _command({"config": config, **given, "force": force or None})
     try:
         options = {k: v for k, v in given.items() if k != "model"}
         options["models"] = _parse_models(model) if model else None
         options["formats"] = [f.strip() for f in formats.split(",") if f.strip()] if formats else None
         s = settings(config, options)
+        existing = [p for p in report.FILES.values() if (s.out / p).exists()]
+        if existing and not force:
+            raise ValueError(f"{s.out} already holds results ({', '.join(existing)}); give another --out or --force")
         results = bench.run(s, command)
     except ValueError as e:  # ConfigError, BenchmarkError, data and record errors: one line
         typer.echo(f"error: {e}", err=True)

@@ -1,15 +1,21 @@
 """Benchmark settings: built-in defaults, overridden by a TOML config file, overridden by
 command-line options. Relative paths in a config file are taken from its ``root`` key (itself
 relative to the config file's folder; default: that folder); on the command line, from the
-current folder."""
+current folder.
+
+What is measured: the formats named in ``formats``, else every format given a model file; with
+neither, the model installed with the package (``onnx_int8``, the one ``classify`` uses)."""
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from xray_edge.benchmarks.formats import FORMATS
+
+FULLSIZE = {"png16": 2500, "dicom": 3000, "dicom_j2k": 3000, "jpeg": 3000}  # generated full-size formats, px
 
 
 def shown(path: Path | str) -> str:
@@ -30,7 +36,7 @@ class Settings:
     limit: int = 300  # seeded stratified subset size (0: every image)
     seed: int = 0
     models: dict[str, Path] = field(default_factory=dict)  # format name -> file
-    formats: list[str] = field(default_factory=lambda: [f.name for f in FORMATS])
+    formats: list[str] = field(default_factory=list)  # empty: every format given a model (see module doc)
     build: bool = True  # build missing formats from models["keras_fp32"]
     build_dir: Path = Path("artifacts")
     calibration: Path | None = None  # split.csv for INT8 calibration (default: data, if a manifest)
@@ -43,9 +49,12 @@ class Settings:
     n_boot: int = 1000
     e2e_format: str = "onnx_int8"  # "" skips the end-to-end measurement
     e2e_images: int = 64  # real images through the classify pipeline
-    fullsize: int = 8  # generated full-size 16-bit PNGs (0: none)
-    fullsize_px: int = 2500
-    out: Path = Path("benchmark-results")
+    fullsize: int = 6  # generated full-size images per format in FULLSIZE (0: none)
+    fullsize_px: int = 0  # 0: each format's size in FULLSIZE
+    gate_sets: bool = True  # the input gate on out-of-distribution images (photos, CT/MR, blank, text)
+    peak: bool = True  # the int8 peak micro-benchmark
+    out: Path | None = None  # None: a new folder runs/benchmark-<date>-<time>
+    force: bool = False  # overwrite results already in out
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -97,12 +106,23 @@ def settings(config: Path | None, options: dict[str, Any]) -> Settings:
     models = {**merged.get("models", {}), **given.pop("models", {})}
     merged |= given | {"models": models}
     s = Settings(**merged)
+    if not s.formats:
+        if not s.models:
+            from xray_edge.classify import shipped_model
+
+            shipped = shipped_model()
+            if shipped is None:
+                raise ConfigError("no model given and none is installed: give --model FORMAT=PATH")
+            s.models = {"onnx_int8": shipped[0]}
+        s.formats = [f.name for f in FORMATS if f.name in s.models]
+    if s.out is None:
+        s.out = Path("runs") / f"benchmark-{time.strftime('%Y%m%d-%H%M%S')}"
     unknown = [f for f in s.formats if f not in {x.name for x in FORMATS}]
     if unknown:
         raise ConfigError(f"formats: unknown {unknown}; known: {', '.join(f.name for f in FORMATS)}")
     if s.e2e_format and not s.e2e_format.startswith("onnx_"):
         raise ConfigError(f"e2e_format must be an ONNX format (the runtime runs ONNX), got {s.e2e_format!r}")
-    for key in ("limit", "warmup", "calibration_images", "e2e_images", "fullsize", "n_boot"):
+    for key in ("limit", "warmup", "calibration_images", "e2e_images", "fullsize", "fullsize_px", "n_boot"):
         if getattr(s, key) < 0:
             raise ConfigError(f"{key} must be >= 0")
     if s.threads < 1 or s.runs < 1:

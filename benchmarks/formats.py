@@ -2,9 +2,10 @@
 engine modules that run it, the modules that build it from ``model.keras``, how to build it and
 how to run it.
 
-A runner maps a (N, S, S, 1) float32 batch in [0, 1] to class probabilities (N, C) float64:
-ONNX through the runtime (softmax(logits / the file's record temperature)); Keras and TFLite run
-the ``logits`` sub-model and get the same softmax with the reference record's temperature.
+A runner maps a (N, S, S, 1) float32 batch in [0, 1] to class probabilities (N, C) float64 (Keras
+and TFLite: the ``logits`` sub-model, softmax with the reference record's temperature) or, for
+ONNX, to the runtime's whole ``session.Prediction`` (softmax(logits / the file's record
+temperature), age group, gate distance): ``probabilities`` reads either.
 Only numpy is imported at module level; every engine is imported inside the function using it.
 """
 from __future__ import annotations
@@ -52,14 +53,19 @@ def load_onnx(path: Path, threads: int, reference: ModelRecord) -> Runner:
     temperature); refused if its classes or preprocessing differ from the reference record's,
     since every format is fed the same preprocessed images."""
     from xray_edge.contract import ModelContractError
-    from xray_edge.session import load_model, predict_proba
+    from xray_edge.session import load_model, predict
 
     model = load_model(path, threads)
     own = model.record
     if own.classes != reference.classes or own.preprocessing != reference.preprocessing:
         raise ModelContractError(f"{path}: its record's classes/preprocessing differ from the reference "
                                  f"record's ({reference.model_name} {reference.model_version})")
-    return lambda x: predict_proba(model, x)
+    return lambda x: predict(model, x)
+
+
+def probabilities(out: Any) -> np.ndarray:
+    """Class probabilities from a runner's output (an array, or a Prediction)."""
+    return np.asarray(getattr(out, "probs", out), dtype=np.float64)
 
 
 def load_keras(path: Path, threads: int, reference: ModelRecord) -> Runner:

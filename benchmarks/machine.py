@@ -1,4 +1,4 @@
-"""Describe the machine a benchmark ran on (CPU, cores, RAM, OS, Python, package versions)."""
+"""Describe the machine a benchmark ran on (CPU and its int8 features, cores, RAM, OS, Python, package versions)."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,9 @@ import platform
 from importlib import metadata
 from typing import Any
 
-PACKAGES = ("xray-edge", "numpy", "onnxruntime", "opencv-python-headless", "tensorflow-cpu", "tensorflow",
+from xray_edge.benchmarks.peak import int8_features
+
+PACKAGES = ("xray-edge", "numpy", "onnxruntime", "opencv-python-headless", "pydicom", "tensorflow-cpu", "tensorflow",
             "keras", "ai-edge-litert", "scikit-learn", "matplotlib")
 
 
@@ -63,6 +65,7 @@ def describe(threads: int) -> dict[str, Any]:
         "os": platform.platform(),
         "python": platform.python_version(),
         "packages": _versions(),
+        "int8_features": int8_features(),
         "threads": threads,
         "load_average_start": load_average(),
     }

@@ -22,11 +22,17 @@ COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("b1_p90_ms", "b1 p90 ms", "ms"),
     ("b8_ms_per_image", "b8 ms/img", "ms"),
     ("images_per_s", "img/s", ".1f"),
+    ("b8_gmac_per_s", "GMAC/s", ".0f"),
+    ("share_of_int8_peak", "% int8 peak", "%"),
     ("load_s", "load s", ".2f"),
     ("rss_delta_mb", "peak RSS Δ MB", ".0f"),
+    ("rejected_rate", "gate rejects", "%"),
+    ("uncertain_rate", "uncertain", "%"),
+    ("decided_accuracy", "decided acc", ".3f"),
 )
 CSV_EXTRA = ("title", "engine", "path", "sha256", "max_prob_diff_fp32", "b1_runs", "b8_runs", "peak_rss_mb",
-             "import_s")
+             "import_s", "gmac_per_image", "b1_gmac_per_s", "covid_sensitivity_decided", "covid_ppv_decided",
+             "covid_flagged_or_referred")
 CSV_FIELDS = tuple(k for k, _, _ in COLUMNS) + CSV_EXTRA
 FILES = {"json": "results.json", "csv": "results.csv", "markdown": "RESULTS.md", "plot": "results.png"}
 
@@ -37,6 +43,8 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
         return "-"
     if fmt == "ms":  # one decimal from 10 ms up, 3 significant figures below (tiny models)
         return f"{value:.1f}" if value >= 10 else f"{value:.3g}"
+    if fmt == "%":
+        return f"{100 * value:.1f} %"
     return format(value, fmt) if fmt != "s" else str(value)
 
 
@@ -108,16 +116,39 @@ def _e2e_markdown(e2e: dict[str, Any] | None) -> list[str]:
         return [f"Not measured: {e2e.get('skipped') or e2e.get('error')}"]
     lines = [f"`xray-edge classify`'s pipeline (decode + preprocess in a prefetching thread pool, batches of 8) "
              f"against inference alone on the already-preprocessed images, with {e2e['format']}, "
-             f"{e2e['threads']} threads.", "",
-             "| images | decode + preprocess ms/img (1 thread) | inference alone img/s | end to end img/s | "
-             "end to end ms/img | decode workers |",
-             "|---|---:|---:|---:|---:|---:|"]
-    for s in e2e["sets"].values():
-        lines.append(f"| {s['description']} | {s['decode_preprocess_ms_median']:.1f} "
-                     f"| {s['inference_images_per_s']:.1f} "
-                     f"| {s['end_to_end_images_per_s']:.1f} | {s['end_to_end_ms_per_image']:.1f} "
+             f"{e2e['threads']} threads. Bound: the rate the cores allow, 1 / (decode s / cores + inference s).", "",
+             "| set | file MiB | decode + preprocess ms/img (1 thread) | inference alone img/s | end to end img/s | "
+             "bound img/s | share of bound | share of model rate | decode workers |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, s in e2e["sets"].items():
+        lines.append(f"| {name}: {s['description']} | {s['mean_file_mb']:.2f} | {s['decode_preprocess_ms_median']:.1f} "
+                     f"| {s['inference_images_per_s']:.1f} | {s['end_to_end_images_per_s']:.1f} "
+                     f"| {s['bound_images_per_s']:.1f} | {s['share_of_bound']:.0%} | {s['share_of_model_rate']:.0%} "
                      f"| {s['decode_workers']} |")
+    maps = e2e.get("heatmaps") or {}
+    if "ms_added_per_image" in maps:
+        lines += ["", f"Heatmaps (`classify --heatmaps`: the Grad-CAM output plus drawing and encoding the PNG) add "
+                      f"{maps['ms_added_per_image']:.1f} ms per image ({maps['ms_per_image_without']:.1f} -> "
+                      f"{maps['ms_per_image_with']:.1f} ms/img through the pipeline, {maps['images']} images)."]
+    gate = e2e.get("gate")
+    if gate:
+        lines += ["", "### Input gate on images the model was not built for", "",
+                  "| set | images | rejected by the gate | refused as unreadable/empty | given a label | refused |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        lines += [f"| {name} | {g['images']} | {g['rejected']} | {g['error']} | {g['labelled']} | {g['refused_rate']:.0%} |"
+                  for name, g in gate.items()]
+        labelled = [f for g in gate.values() for f in g["labelled_files"]]
+        if labelled:
+            lines += ["", "Given a label anyway: " + "; ".join(labelled) + "."]
     return lines
+
+
+def _peak(peak: dict[str, Any] | None) -> str:
+    if not peak:
+        return "int8 peak: not measured."
+    if "error" in peak:
+        return f"int8 peak: not measured ({peak['error']})."
+    return f"int8 peak: {peak['gmac_per_s']:.0f} GMAC/s ({peak['method']}, {peak['threads']} threads)."
 
 
 def markdown(results: dict[str, Any], with_plot: bool) -> str:
@@ -141,14 +172,18 @@ def markdown(results: dict[str, Any], with_plot: bool) -> str:
         f"{m['os']}, Python {m['python']}; {pkgs}. Threads: {m['threads']}. Load average at start "
         f"{m['load_average_start']}, at end {m.get('load_average_end')}.",
         "",
+        f"int8 features: {', '.join(m.get('int8_features') or []) or 'none found'}. {_peak(m.get('int8_peak'))}",
+        "",
         f"Images: {subset}. Decoded and preprocessed once; every format gets the same arrays.",
         "",
         markdown_table(results["rows"]),
         "",
         "Columns: accuracy, macro-F1, COVID sensitivity and PPV, macro one-vs-rest AUROC on the images above; "
-        "agree FP32 = argmax agreement with the FP32 reference; b1 = one image per call; b8 ms/img and img/s "
-        "at batch 8; peak RSS Δ MB = peak RSS growth from loading and running the model. 95 % bootstrap CIs "
-        "are in results.json. Research screening aid, not a diagnostic device.",
+        "agree FP32 = argmax agreement with the FP32 reference; b1 = one image per call; b8 ms/img, img/s and "
+        "GMAC/s (the model's multiply-accumulates per second) at batch 8; % int8 peak = that GMAC/s over the "
+        "measured int8 peak; peak RSS Δ MB = peak RSS growth from loading and running the model; gate rejects, "
+        "uncertain and decided acc = what the model record's rules (as in `classify`) make of these real X-rays "
+        "(ONNX rows). 95 % bootstrap CIs are in results.json. Research screening aid, not a diagnostic device.",
         "",
     ]
     if with_plot:

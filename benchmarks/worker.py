@@ -30,6 +30,12 @@ import numpy as np
 from xray_edge.benchmarks import formats
 from xray_edge.contract import ModelRecord
 
+PROGRESS = "progress: "  # lines starting so are passed on to the benchmark's stderr
+
+
+def progress(message: str) -> None:
+    print(f"{PROGRESS}{message}", flush=True)
+
 
 def rss_mb() -> float:
     """Current resident set size in MiB (Linux /proc; else the peak so far)."""
@@ -60,17 +66,20 @@ def timed_runs(fn: Callable[[], Any], warmup: int, runs: int, seconds: float) ->
     return times
 
 
-def accuracy_pass(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray,
-                  batch: int) -> tuple[np.ndarray, list[float]]:
-    """Probabilities of every image (batches of ``batch``) and the ms of each full batch."""
-    probs, times = [], []
-    for start in range(0, len(x), batch):
+def accuracy_pass(run: Callable[[np.ndarray], Any], x: np.ndarray, batch: int,
+                  name: str = "") -> tuple[list[Any], list[float]]:
+    """The runner's output for every batch of ``batch`` images, and the ms of each full batch."""
+    outs, times = [], []
+    every = max(1, len(x) // batch // 5)
+    for k, start in enumerate(range(0, len(x), batch)):
         chunk = x[start : start + batch]
         t = time.perf_counter()
-        probs.append(np.asarray(run(chunk), dtype=np.float64))
+        outs.append(run(chunk))
         if len(chunk) == batch:
             times.append((time.perf_counter() - t) * 1000)
-    return np.concatenate(probs), times
+        if k % every == every - 1:
+            progress(f"{name}: accuracy pass {min(start + batch, len(x))}/{len(x)} images")
+    return outs, times
 
 
 def measure(job: dict[str, Any]) -> dict[str, Any]:
@@ -88,17 +97,24 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     load_s = time.perf_counter() - t
     batch = formats.BATCH
     run(x[:batch])  # warm-up at the accuracy-pass batch size
-    probs, batch_ms = accuracy_pass(run, x, batch)
+    outs, batch_ms = accuracy_pass(run, x, batch, fmt.name)
+    probs = np.concatenate([formats.probabilities(o) for o in outs])
     np.save(out / "probs.npy", probs)
+    progress(f"{fmt.name}: batch-1 latency, at least {job['runs']} runs and {job['seconds']:g} s")
     singles = iter(range(10**9))
     b1 = timed_runs(lambda: run(x[next(singles) % len(x)][None]), job["warmup"], job["runs"], job["seconds"])
     peak = peak_rss_mb()
-    source = None
-    if fmt.load is formats.load_onnx:  # which Keras model it was exported from (read after the peak)
+    source, decisions = None, None
+    if fmt.load is formats.load_onnx:  # read after the peak: provenance and the record's decisions
+        from xray_edge.decision import decide
         from xray_edge.session import load_model
 
-        source = load_model(Path(job["path"]), 1).record.source_model_sha256
+        record = load_model(Path(job["path"]), 1).record
+        source = record.source_model_sha256
+        decisions = [decide(record, p, a, d).__dict__
+                     for o in outs for p, a, d in zip(o.probs, _rows(o.age, len(o.probs)), _rows(o.ood, len(o.probs)))]
     return {
+        "decisions": decisions,
         "record_source_sha256": source,
         "import_s": import_s,
         "load_s": load_s,
@@ -110,6 +126,10 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def _rows(values: np.ndarray | None, n: int) -> list[Any]:
+    return [None] * n if values is None else list(values)
+
+
 def build(job: dict[str, Any]) -> dict[str, Any]:
     fmt = formats.get(job["format"])
     return fmt.build(Path(job["keras"]), Path(job["target"]), job["options"])
@@ -118,10 +138,18 @@ def build(job: dict[str, Any]) -> dict[str, Any]:
 def e2e(job: dict[str, Any]) -> dict[str, Any]:
     from xray_edge.benchmarks.e2e import run
 
-    return run(Path(job["path"]), job["threads"], job["sets"], job.get("workers"))
+    progress("end to end: " + ", ".join(f"{name} ({len(paths)} files)" for name, paths in job["sets"].items()))
+    return run(Path(job["path"]), job["threads"], job["sets"], job.get("workers"), job.get("ood"))
 
 
-MODES = {"measure": measure, "build": build, "e2e": e2e}
+def peak(job: dict[str, Any]) -> dict[str, Any]:
+    from xray_edge.benchmarks.peak import int8_peak
+
+    progress(f"int8 peak micro-benchmark, {job['threads']} threads")
+    return int8_peak(job["threads"])
+
+
+MODES = {"measure": measure, "build": build, "e2e": e2e, "peak": peak}
 
 
 def main(job_path: str) -> int:

@@ -176,7 +176,7 @@ fi
 [[ -f $MODEL ]] || die "model $MODEL not found (train and export it, or pass --model PATH / --stand-in)"
 log "model $MODEL"
 sha256sum "$MODEL" | cut -c1-16
-"$HOSTPY" "$REPO/deploy/count_macs.py" "$MODEL"
+"$HOSTPY" -m xray_edge.benchmarks.macs "$MODEL"
 
 log "$N_IMAGES generated test images"
 "$HOSTPY" "$REPO/deploy/make_images.py" "$WORK/images" "$N_IMAGES"

@@ -23,7 +23,8 @@ from xray_edge.pipeline import prepare
 from xray_edge.session import load_model, predict_proba
 
 SIZE = 32
-FAST = ["--threads", "1", "--warmup", "1", "--runs", "3", "--seconds", "0", "--n-boot", "20", "--no-build"]
+FAST = ["--threads", "1", "--warmup", "1", "--runs", "3", "--seconds", "0", "--n-boot", "20", "--no-build",
+        "--no-peak", "--no-gate-sets"]
 
 
 def patch_image(block: int, seed: int) -> np.ndarray:
@@ -59,6 +60,8 @@ def setup(tmp_path_factory) -> dict[str, Path]:
 def run_cli(setup: dict[str, Path], out: Path, *extra: str) -> dict:
     args = ["benchmark", "--data", str(setup["data"]), "--model", f"onnx_fp32={setup['fp32']}",
             "--model", f"onnx_int8={setup['int8']}", "--limit", "0", "--out", str(out), *FAST, *extra]
+    if "--formats" not in extra:
+        args += ["--formats", ",".join(f.name for f in formats.FORMATS)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return json.loads((out / "results.json").read_text())
@@ -67,8 +70,8 @@ def run_cli(setup: dict[str, Path], out: Path, *extra: str) -> dict:
 @pytest.fixture(scope="module")
 def results(setup, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("out")
-    return run_cli(setup, out, "--model", f"onnx_fp16={setup['corrupt']}", "--e2e-images", "6", "--fullsize", "2",
-                   "--fullsize-px", "300") | {"_out": str(out)}
+    return run_cli(setup, out, "--model", f"onnx_fp16={setup['corrupt']}", "--e2e-images", "6", "--fullsize", "1",
+                   "--fullsize-px", "300", "--peak", "--gate-sets") | {"_out": str(out)}
 
 
 def direct_probs(model_path: Path, data: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -116,13 +119,33 @@ def test_end_to_end_measured(results):
     e2e = results["e2e"]
     assert e2e["format"] == "onnx_int8"
     assert e2e["sets"]["real"]["classified"] == 6
-    assert e2e["sets"]["fullsize"]["classified"] == 2
-    assert "300x300 16-bit" in e2e["sets"]["fullsize"]["description"]
+    for kind in ("png16", "dicom", "jpeg"):
+        s = e2e["sets"][kind]
+        assert s["classified"] == 1 and "300x300" in s["description"], kind
+        assert s["decode_preprocess_ms_median"] > 0 and s["bound_images_per_s"] > 0 and 0 < s["share_of_bound"]
+    assert e2e["heatmaps"]["ms_per_image_with"] > 0
+    gate = e2e["gate"]
+    assert gate and all(g["images"] == g["rejected"] + g["error"] + g["labelled"] for g in gate.values())
+    generated = gate["generated (blank, noise, pattern, document)"]
+    assert generated["error"] >= 3  # black, white and grey are refused as having no content
+
+
+def test_cpu_features_peak_and_throughput_columns(results):
+    m = results["machine"]
+    assert isinstance(m["int8_features"], list) and m["int8_peak"]["gmac_per_s"] > 0
+    rows = {r["format"]: r for r in results["rows"]}
+    for name in ("onnx_fp32", "onnx_int8"):
+        assert rows[name]["gmac_per_image"] > 0 and rows[name]["b8_gmac_per_s"] > 0
+    assert rows["onnx_int8"]["share_of_int8_peak"] == pytest.approx(
+        rows["onnx_int8"]["b8_gmac_per_s"] / m["int8_peak"]["gmac_per_s"])
+    assert "share_of_int8_peak" not in rows["onnx_fp32"]
+    for name in ("onnx_fp32", "onnx_int8"):  # the record's rules applied to real images, as in classify
+        assert 0 <= rows[name]["rejected_rate"] <= 1 and 0 <= rows[name]["uncertain_rate"] <= 1
 
 
 def test_output_files_follow_their_schema(results):
     out = Path(results["_out"])
-    assert results["schema"] == bench.SCHEMA and results["schema_version"] == 1
+    assert results["schema"] == bench.SCHEMA and results["schema_version"] == bench.SCHEMA_VERSION
     for key in ("created", "command", "settings", "machine", "reference_record", "data", "method", "rows", "e2e",
                 "notes"):
         assert key in results
@@ -139,7 +162,8 @@ def test_output_files_follow_their_schema(results):
     table = [line for line in md.splitlines() if line.startswith("| ") and line.split("|")[1].strip() in
              {f.name for f in formats.FORMATS}]
     assert len(table) == len(formats.FORMATS)
-    assert results["machine"]["cpu"] in md and "--limit 0" in md
+    assert results["machine"]["cpu"] in md and "--limit 0" in md and "int8 peak" in md
+    assert "| png16: " in md and "Input gate" in md and "Heatmaps" in md
     assert (out / "results.png").stat().st_size > 0
 
 
@@ -184,6 +208,26 @@ def test_cli_errors_are_one_line(setup, tmp_path):
     assert result.exit_code == 2 and "NAME=PATH" in result.output
 
 
+def test_existing_results_are_kept_without_force(setup, tmp_path):
+    (tmp_path / "RESULTS.md").write_text("committed")
+    result = CliRunner().invoke(app, ["benchmark", "--data", str(setup["data"]), "--model", f"onnx_fp32={setup['fp32']}",
+                                      "--out", str(tmp_path), *FAST])
+    assert result.exit_code == 2 and "--force" in result.output
+    assert (tmp_path / "RESULTS.md").read_text() == "committed"
+
+
+def test_only_the_formats_given_are_run_and_the_installed_model_by_default(setup, tmp_path, monkeypatch):
+    import xray_edge.classify as classify
+
+    res = run_cli(setup, tmp_path / "a", "--formats", "onnx_fp32", "--e2e-format", "")
+    assert [r["format"] for r in res["rows"]] == ["onnx_fp32"]
+    monkeypatch.setattr(classify, "shipped_model", lambda: (setup["int8"], None))
+    s = settings(None, {"data": setup["data"]})
+    assert s.formats == ["onnx_int8"] and s.models == {"onnx_int8": setup["int8"]}
+    s = settings(None, {"data": setup["data"], "models": {"keras_fp32": "m.keras"}})
+    assert s.formats == ["keras_fp32"]  # a Keras model alone builds nothing
+
+
 def test_subset_is_stratified_and_seeded(setup, tmp_path):
     a = run_cli(setup, tmp_path / "a", "--limit", "9", "--formats", "onnx_fp32", "--e2e-format", "")
     b = run_cli(setup, tmp_path / "b", "--limit", "9", "--formats", "onnx_fp32", "--e2e-format", "")
@@ -212,7 +256,7 @@ def test_config_file_then_options(tmp_path):
 def test_shipped_config_is_valid():
     s = settings(Path(__file__).parent.parent / "benchmarks" / "shipped.toml", {})
     assert set(s.formats) == {f.name for f in formats.FORMATS}
-    assert s.limit > 0 and s.e2e_format == "onnx_int8"
+    assert s.limit > 0 and s.e2e_format == "onnx_int8" and s.out.name == "benchmarks"
 
 
 def test_timed_runs_counts_runs():
@@ -242,10 +286,10 @@ def test_keras_and_tflite_formats(tmp_path):
     folder = tmp_path / "img" / "COVID"
     folder.mkdir(parents=True)
     with split.open("w") as f:
-        f.write("path,label,source,sha256,group,split\n")
+        f.write("path,label,origin,age_group,source,sha256,group,split\n")
         for i in range(6):
             cv2.imwrite(str(folder / f"{i}.png"), patch_image(int(rng.integers(16)), i))
-            f.write(f"{folder / f'{i}.png'},COVID,,,g{i},train\n")
+            f.write(f"{folder / f'{i}.png'},COVID,o,adult,,,g{i},train\n")
     options = {"record": record.to_json(), "split": str(split), "data_root": None, "calibration_images": 6, "seed": 0}
     formats.get("tflite_fp32").build(path, tmp_path / "m-fp32.tflite", options)
     info = formats.get("tflite_int8").build(path, tmp_path / "m-int8.tflite", options)

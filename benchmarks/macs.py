@@ -3,9 +3,9 @@
 Sums Conv / Gemm / MatMul work, in float (Conv, Gemm, MatMul) and in integer form
 (ConvInteger, QLinearConv, MatMulInteger, QLinearMatMul), with the batch dimension set to 1.
 Everything else (ReLU, pooling, softmax, (de)quantisation) is ignored: for a VGG these are
-well under 1 % of the work. Needs ``onnx`` (the [dev] or [train] extra), not the runtime install.
+well under 1 % of the work. Needs ``onnx`` (the bench, dev or train extra), not the runtime install.
 
-    python deploy/count_macs.py runtime/models/xray-edge-vgg19-int8.onnx
+    python -m xray_edge.benchmarks.macs runtime/models/xray-edge-vgg19-int8.onnx
 """
 from __future__ import annotations
 

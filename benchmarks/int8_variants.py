@@ -1,0 +1,134 @@
+"""INT8 export variants side by side: what the four-channel first convolution and keeping the
+in-graph preprocessing (and the small heads) in float do to speed and to agreement with FP32.
+
+    python -m xray_edge.benchmarks.int8_variants train/results/model.keras --data ../shared/data \\
+        --out benchmarks/int8_variants.md
+
+Every variant is quantized from the same FP32 graph (with or without the fourth channel) with the
+same calibration images; latency is timed in interleaved rounds (each round runs every variant),
+so that a busy moment of the machine does not favour one of them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+VARIANTS = (  # (name, four channels, op types to quantize; None = everything onnxruntime can)
+    ("3-channel conv1_1, every op quantized (v0.1 export)", False, None),
+    ("4-channel conv1_1, every op quantized", True, None),
+    ("3-channel conv1_1, convolutions only (preprocessing and heads float)", False, ("Conv", "MaxPool")),
+    ("4-channel conv1_1, convolutions only (shipped)", True, ("Conv", "MaxPool")),
+)
+
+
+def _session(path: Path, threads: int):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _logits(session, x: np.ndarray, batch: int = 8) -> np.ndarray:
+    return np.concatenate([session.run(["logits"], {"image": x[i:i + batch]})[0] for i in range(0, len(x), batch)])
+
+
+def compare(model_path: Path, data: Path, n_images: int = 300, n_calib: int = 200, threads: int = 2, rounds: int = 5,
+            seed: int = 0) -> dict[str, Any]:
+    """Build every variant, then measure agreement with FP32 on ``n_images`` test images and batch-1
+    and batch-8 latency in interleaved rounds."""
+    import keras
+    import onnx
+
+    import xray_edge.train.model  # noqa: F401 (registers the model's layers)
+    from xray_edge.contract import ModelRecord
+    from xray_edge.export.convert import keras_to_onnx
+    from xray_edge.export.data import SplitManifest, load_images, stratified_sample
+    from xray_edge.export.quantize import to_int8
+
+    record = ModelRecord.from_json((model_path.parent / "record.json").read_text())
+    manifest = SplitManifest(model_path.parent / "split.csv", record.classes, data)
+    test = load_images(manifest, stratified_sample(manifest.items("test"), n_images, seed), record.preprocessing, "test")
+    calib = load_images(manifest, stratified_sample(manifest.items("train"), n_calib, seed), record.preprocessing,
+                        "calibration (train)")
+    model = keras.saving.load_model(model_path, compile=False)
+    out: dict[str, Any] = {"images": len(test.y), "calibration_images": len(calib.y), "threads": threads,
+                           "rounds": rounds, "variants": {}}
+    with tempfile.TemporaryDirectory(prefix="xray-edge-int8-variants-") as tmp:
+        tmp = Path(tmp)
+        fp32 = {}
+        for four in (False, True):
+            fp32[four] = tmp / f"fp32-{four}.onnx"
+            onnx.save(keras_to_onnx(model, four_channels=four), str(fp32[four]))
+        reference = _logits(_session(fp32[True], threads), test.x).argmax(1)
+        sessions = {}
+        for name, four, ops in VARIANTS:
+            path = tmp / f"int8-{len(sessions)}.onnx"
+            print(f"building: {name}", file=sys.stderr)
+            to_int8(fp32[four], path, calib.x, "minmax", op_types=ops)
+            sessions[name] = _session(path, threads)
+            pred = _logits(sessions[name], test.x).argmax(1)
+            out["variants"][name] = {"agreement_fp32": float(np.mean(pred == reference)),
+                                     "accuracy": float(np.mean(pred == test.y)), "b1_ms": [], "b8_ms": []}
+        out["fp32_accuracy"] = float(np.mean(reference == test.y))
+        for r in range(rounds):
+            print(f"timing round {r + 1}/{rounds}", file=sys.stderr)
+            for name, session in sessions.items():
+                for _ in range(2):  # warm-up
+                    session.run(["logits"], {"image": test.x[:1]})
+                times = out["variants"][name]
+                for i in range(10):
+                    t = time.perf_counter()
+                    session.run(["logits"], {"image": test.x[i:i + 1]})
+                    times["b1_ms"].append((time.perf_counter() - t) * 1000)
+                t = time.perf_counter()
+                session.run(["logits"], {"image": test.x[:8]})
+                times["b8_ms"].append((time.perf_counter() - t) * 1000 / 8)
+    for v in out["variants"].values():
+        v["b1_median_ms"], v["b8_median_ms_per_image"] = float(np.median(v.pop("b1_ms"))), float(np.median(v.pop("b8_ms")))
+    return out
+
+
+def markdown(result: dict[str, Any], command: str) -> str:
+    from xray_edge.benchmarks.machine import describe
+
+    m = describe(result["threads"])
+    lines = ["# INT8 export variants", "", f"Created with `{command}` on {m['cpu']} ({', '.join(m['int8_features']) or 'no int8 features found'}), "
+             f"{result['threads']} threads; {result['images']} test images (seeded stratified), {result['calibration_images']} "
+             f"calibration images (MinMax); latency: {result['rounds']} interleaved rounds, median. FP32 accuracy on these "
+             f"images {result['fp32_accuracy']:.3f}.", "",
+             "| variant | agreement with FP32 | accuracy | batch-1 ms | batch-8 ms/img |", "|---|---:|---:|---:|---:|"]
+    lines += [f"| {name} | {v['agreement_fp32']:.1%} | {v['accuracy']:.3f} | {v['b1_median_ms']:.1f} | "
+              f"{v['b8_median_ms_per_image']:.1f} |" for name, v in result["variants"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m xray_edge.benchmarks.int8_variants",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("model", type=Path, help="model.keras with record.json and split.csv beside it")
+    parser.add_argument("--data", type=Path, required=True, help="data folder the split's paths are relative to")
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", type=Path, help="write the table here (and the figures as .json beside it)")
+    args = parser.parse_args(argv)
+    result = compare(args.model, args.data, args.images, threads=args.threads, rounds=args.rounds)
+    text = markdown(result, "python -m xray_edge.benchmarks.int8_variants " + " ".join(sys.argv[1:] if argv is None else argv))
+    print(text)
+    if args.out:
+        args.out.write_text(text)
+        args.out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
