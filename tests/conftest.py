@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from tiny_data import make_roots  # noqa: E402
 
 TRAIN_SIZE = 64  # block5_conv4 is 4x4 at 64 px: enough to tell which quadrant a heatmap points at
-TRAIN_ARGS = ["--weights", "none", "--size", str(TRAIN_SIZE), "--epochs", "15", "--lr", "1e-2", "--n-boot", "20",
+TRAIN_ARGS = ["--arch", "vgg-tiny", "--weights", "none", "--size", str(TRAIN_SIZE), "--epochs", "15", "--lr", "1e-2", "--n-boot", "20",
               "--child-origins", "kids", "--aug-views", "1", "--gate-quantile", "0.95"]
 
 
@@ -22,7 +22,7 @@ def roots(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained(roots, tmp_path_factory):
-    """``xray-edge train`` on both roots with a random-weight VGG-19 (gap and flatten heads)."""
+    """``xray-edge train`` on both roots with the tiny VGG-layout base (gap and flatten heads)."""
     pytest.importorskip("tensorflow")
     from typer.testing import CliRunner
 

@@ -1,7 +1,7 @@
 """`xray-edge export`: FP32 ONNX checked against Keras on every output, the four-channel first
 convolution, FP16/INT8 variants gated against FP32 on the validation and test splits, records
 (sealed, gate recalibrated per variant), calibration, shipping with a pinned sha256, the model
-card. Uses the session's tiny training run (a random-base VGG-19 at 64 px on generated images)."""
+card. Uses the session's tiny training run (the tiny VGG-layout base at 64 px on generated images)."""
 from __future__ import annotations
 
 import hashlib

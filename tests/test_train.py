@@ -23,7 +23,7 @@ from xray_edge.train.features import view_input
 from xray_edge.train.manifest import load_split, read_manifest
 from xray_edge.train.split import group_images, patient_key, stratified_group_split
 
-FAST = ["--weights", "none", "--size", "32", "--epochs", "8", "--lr", "1e-2", "--n-boot", "20",
+FAST = ["--arch", "vgg-tiny", "--weights", "none", "--size", "32", "--epochs", "8", "--lr", "1e-2", "--n-boot", "20",
         "--child-origins", "kids", "--aug-views", "1"]
 
 
@@ -169,6 +169,17 @@ def test_holdable_origins_and_fold_report():
     assert report["per_class"]["COVID"]["sensitivity"]["value"] == 0.5
     assert report["per_class"]["VIRAL_PNEUMONIA"]["sensitivity"] is None
     assert report["macro_f1_present"] == pytest.approx(np.mean([2 / 3, 2 / 3]))
+
+
+def test_both_bases_give_the_last_block_and_its_pool():
+    pytest.importorskip("tensorflow")
+    from xray_edge.train.model import build_base
+
+    for arch, channels in (("vgg19", 512), ("vgg-tiny", 64)):
+        conv4, pool = build_base(None, 64, arch).outputs
+        assert tuple(conv4.shape) == (None, 4, 4, channels) and tuple(pool.shape) == (None, 2, 2, channels), arch
+    with pytest.raises(ValueError, match="no pretrained weights"):
+        build_base("imagenet", 64, "vgg-tiny")
 
 
 def test_gradcam_layer_matches_tensorflow_gradients():

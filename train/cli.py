@@ -26,6 +26,9 @@ def train(
     weights: Annotated[Optional[str], typer.Option(
         help="VGG-19 no-top .h5 file, 'imagenet' (Keras download) or 'none' (random init, tests). "
              "[default: $XRAY_EDGE_VGG19_WEIGHTS]", show_default=False)] = None,
+    arch: Annotated[str, typer.Option(
+        help="Convolutional base: vgg19, or vgg-tiny (VGG's layout at a few channels, random weights: tests and "
+             "dry runs).")] = "vgg19",
     classes: Annotated[Optional[str], typer.Option(
         help="Comma-separated subset of classes, e.g. COVID,NORMAL. [default: every class found]",
         show_default=False)] = None,
@@ -74,9 +77,13 @@ def train(
     problems += [f"unknown class {c!r} in --classes (use {', '.join(CLASSES)})" for c in class_list or [] if c not in CLASSES]
     if intensity not in INTENSITY_METHODS:
         problems.append(f"--intensity must be one of {', '.join(INTENSITY_METHODS)}")
+    if arch not in ("vgg19", "vgg-tiny"):
+        problems.append("--arch must be vgg19 or vgg-tiny")
+    if arch == "vgg-tiny" and weights not in (None, "none"):
+        problems.append("--arch vgg-tiny has no pretrained weights: give --weights none")
     if augment not in ("processing", "geometric"):
         problems.append("--augment must be processing or geometric")
-    if weights is None and not os.environ.get("XRAY_EDGE_VGG19_WEIGHTS"):  # train.model.WEIGHTS_ENV
+    if weights is None and arch == "vgg19" and not os.environ.get("XRAY_EDGE_VGG19_WEIGHTS"):  # train.model.WEIGHTS_ENV
         problems.append("give --weights PATH (VGG-19 no-top .h5), 'imagenet' or 'none' (random init), "
                         "or set XRAY_EDGE_VGG19_WEIGHTS")
     if not head_list:
@@ -94,7 +101,7 @@ def train(
 
     recipe = Recipe("command line", intensity=intensity, crop_fraction=crop_fraction, augment=augment,
                     aug_views=aug_views, origin_weights=origin_weights, head=head_list[0])
-    cfg = TrainConfig(data_dirs=data_dirs, out=out, weights=weights, classes=class_list,
+    cfg = TrainConfig(data_dirs=data_dirs, out=out, weights=weights, arch=arch, classes=class_list,
                       child_origins=tuple(o.strip() for o in child_origins.split(",") if o.strip()), size=size,
                       seed=seed, cache_dir=cache_dir, recipe=recipe, heads=head_list, epochs=epochs,
                       batch_size=batch_size, lr=lr, fine_tune_epochs=fine_tune_epochs, test_fraction=test_fraction,

@@ -27,6 +27,8 @@ from xray_edge.contract import AGE_GROUPS, CLASSES, INPUT_NAME, INPUT_SIZE, VGG_
 
 WEIGHTS_ENV = "XRAY_EDGE_VGG19_WEIGHTS"
 HEADS = ("flatten", "gap")
+ARCHS = ("vgg19", "vgg-tiny")  # vgg-tiny: VGG's five blocks at a few channels, random weights (tests, dry runs)
+TINY_WIDTHS = (16, 32, 64, 64, 64)
 CAM_LAYER = "block5_conv4"
 OUTPUTS = ("logits", "age_logits", "ood_distance", "cam")
 
@@ -44,19 +46,37 @@ def resolve_weights(weights: str | None) -> str | None:
     return weights
 
 
-def build_base(weights: str | None, size: int = INPUT_SIZE) -> keras.Model:
+def tiny_vgg(size: int, seed: int = 0) -> keras.Model:
+    """VGG's layout (five blocks of 3x3 convolutions and 2x2 max pools, the last convolution
+    named block5_conv4) with one convolution per block and ``TINY_WIDTHS`` channels, random
+    weights: the same graph shapes in a model small enough for tests and dry runs."""
+    inp = keras.Input((size, size, 3))
+    x = inp
+    for block, width in enumerate(TINY_WIDTHS, start=1):
+        name = f"block{block}_conv{4 if block == 5 else 1}"
+        x = keras.layers.Conv2D(width, 3, padding="same", activation="relu", name=name,
+                                kernel_initializer=keras.initializers.HeNormal(seed + block))(x)
+        x = keras.layers.MaxPooling2D(2, name=f"block{block}_pool")(x)
+    return keras.Model(inp, x, name="vgg_tiny")
+
+
+def build_base(weights: str | None, size: int = INPUT_SIZE, arch: str = "vgg19") -> keras.Model:
     """image (N, S, S, 1) in [0, 1] -> [block5_conv4 activations, block5_pool features], frozen.
 
-    In-graph steps: scale to 0..255, grey -> 3 channels, VGG "caffe" BGR mean subtraction."""
+    In-graph steps: scale to 0..255, grey -> 3 channels, VGG "caffe" BGR mean subtraction.
+    ``arch`` "vgg-tiny" swaps in :func:`tiny_vgg` (random weights only)."""
+    if arch not in ARCHS:
+        raise ValueError(f"arch must be one of {ARCHS}, got {arch!r}")
+    if arch == "vgg-tiny" and weights is not None:
+        raise ValueError("the vgg-tiny base has no pretrained weights: use --weights none")
     inp = keras.Input((size, size, 1), name=INPUT_NAME)
     x = keras.layers.Rescaling(255.0, name="scale_0_255")(inp)
     x = keras.layers.Concatenate(name="grey_to_bgr")([x, x, x])
     x = keras.layers.Normalization(
         mean=list(VGG_BGR_MEANS), variance=[1.0, 1.0, 1.0], name="vgg_caffe_mean_subtraction"
     )(x)
-    vgg = keras.applications.VGG19(
-        include_top=False, weights=resolve_weights(weights), input_shape=(size, size, 3)
-    )
+    vgg = (keras.applications.VGG19(include_top=False, weights=resolve_weights(weights), input_shape=(size, size, 3))
+           if arch == "vgg19" else tiny_vgg(size))
     vgg = keras.Model(vgg.input, [vgg.get_layer(CAM_LAYER).output, vgg.output], name="vgg19")
     vgg.trainable = False
     return keras.Model(inp, vgg(x), name="base")

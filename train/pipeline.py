@@ -41,6 +41,7 @@ class TrainConfig:
     data_dirs: list[Path]
     out: Path = Path("runs/train")
     weights: str | None = None
+    arch: str = "vgg19"
     classes: list[str] | None = None
     child_origins: tuple[str, ...] = data.CHILD_ORIGINS
     size: int = 224
@@ -152,7 +153,7 @@ def base_runner(cfg: TrainConfig, ds: Dataset) -> tuple[Any, Callable[[np.ndarra
     check of the ONNX export against Keras on 4 validation images."""
     from xray_edge.train.model import build_base, resolve_weights, to_onnx
 
-    base = build_base(resolve_weights(cfg.weights), cfg.size)
+    base = build_base(resolve_weights(cfg.weights) if cfg.arch == "vgg19" else None, cfg.size, cfg.arch)
     digest = features.weights_digest(base)
     run_onnx = features.onnx_runner(to_onnx(base).SerializeToString(), output=1)
     spec = Preprocessing(size=cfg.size)
@@ -247,7 +248,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     from xray_edge.train.model import assemble, resolve_weights
 
-    resolve_weights(cfg.weights)  # a missing weights file is refused before the data are read
+    if cfg.arch == "vgg19":
+        resolve_weights(cfg.weights)  # a missing weights file is refused before the data are read
     timings: dict[str, float] = {"import_tensorflow": round(time.perf_counter() - t_start, 1)}
     seed_everything(cfg.seed)
     cfg.out.mkdir(parents=True, exist_ok=True)
