@@ -59,7 +59,7 @@ def classify(
         help="onnxruntime threads; 0: one per core (capped at the cores available).")] = 0,
     workers: Annotated[int, typer.Option(
         min=0, metavar="N", show_default=True,
-        help="Decoding threads; 0: half the cores, 1 to 4 (capped at the cores available).")] = 0,
+        help="Decoding threads; 0: one per core up to 2, then half the cores, at most 4 (capped at the cores available).")] = 0,
     resume: Annotated[bool, typer.Option(
         "--resume", metavar="",
         help="Skip files already classified in --output; failed ones are retried (default: start afresh).")] = False,

@@ -1,13 +1,19 @@
 """Apply the contract's preprocessing recipe to a decoded grey image (numpy + OpenCV only)."""
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import cv2
 import numpy as np
 
 from .contract import Preprocessing
-from .decode import NoImageContent
+from .decode import NoImageContent, Reduction, unit_float
+
+# A decoder may hand over a reduced image (see decode.read_grey) as long as, once cropped, it is
+# still this many times the model's input size, so that the area resize still averages over
+# 2 x 2 or more of its pixels (the tolerance this gives is in decode's docstring).
+REDUCED_DECODE_MARGIN = 2
 
 _INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
 
@@ -18,8 +24,12 @@ LungBox = Callable[[np.ndarray], "tuple[int, int, int, int] | None"]
 def crop_border(img: np.ndarray, fraction: float) -> np.ndarray:
     """Drop ``fraction`` of the height and width from each side."""
     h, w = img.shape[:2]
-    dy, dx = int(round(h * fraction)), int(round(w * fraction))
+    dy, dx = _margins(h, w, fraction)
     return img[dy : h - dy or h, dx : w - dx or w]
+
+
+def _margins(h: int, w: int, fraction: float) -> tuple[int, int]:
+    return int(round(h * fraction)), int(round(w * fraction))
 
 
 def normalise_intensity(img: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -42,22 +52,62 @@ def equalise(img: np.ndarray, spec: Preprocessing) -> np.ndarray:
     return out.astype(np.float32) / 255.0
 
 
-def preprocess(grey: np.ndarray, spec: Preprocessing, lung_box: LungBox | None = None) -> np.ndarray:
-    """Grey float image (H, W) in [0, 1] -> model input (size, size, 1) float32 in [0, 1].
+def min_decoded_side(spec: Preprocessing) -> int | None:
+    """The shortest side a decoder may reduce an image to for ``spec`` (``min_side`` of
+    decode.read_grey): REDUCED_DECODE_MARGIN times the model's input size after the crop. None
+    (no reduced decoding) unless the resize is an area resize, which can follow a reduction, and
+    the recipe has no lung crop (which finds its box on the whole image)."""
+    if spec.interpolation != "area" or spec.lung_crop is not None:
+        return None
+    return math.ceil(REDUCED_DECODE_MARGIN * spec.size / (1 - 2 * spec.crop_fraction))
 
-    A recipe with a lung crop needs ``lung_box`` (``xray_edge.lungs``); the crop is skipped when it
-    finds no lungs (``lung_box`` returns None)."""
+
+def preprocess(grey: np.ndarray, spec: Preprocessing, reduction: Reduction | None = None,
+               lung_box: LungBox | None = None) -> np.ndarray:
+    """Grey image (H, W) -> model input (size, size, 1) float32 in [0, 1]. ``grey`` is float in
+    [0, 1], or uint8/uint16 as decode.read_grey gives it (made float after the crop). With a
+    ``reduction`` (``grey`` is a reduced decode), the crop and the area resize are laid on the
+    full image's pixel grid, so they average what they would have at full resolution. A recipe
+    with a lung crop needs ``lung_box`` (``xray_edge.lungs``); the crop is skipped when it finds
+    no lungs (``lung_box`` returns None)."""
     if grey.ndim != 2:
         raise ValueError(f"expected a 2-D grey image, got shape {grey.shape}")
-    img = grey.astype(np.float32, copy=False)
     if spec.lung_crop is not None:
         if lung_box is None:
             raise ValueError("this recipe crops to the lungs: a lung finder is needed")
-        box = lung_box(img)
+        grey = unit_float(grey)
+        box = lung_box(grey)
         if box is not None:
             top, bottom, left, right = box
-            img = img[top:bottom, left:right]
-    img = crop_border(img, spec.crop_fraction)
-    img = cv2.resize(img, (spec.size, spec.size), interpolation=_INTERPOLATION[spec.interpolation])
+            grey = grey[top:bottom, left:right]
+    if reduction is None:
+        img = unit_float(crop_border(grey, spec.crop_fraction))
+        img = cv2.resize(img, (spec.size, spec.size), interpolation=_INTERPOLATION[spec.interpolation])
+    else:
+        img = _resize_reduced(unit_float(grey), reduction, spec)
     img = equalise(normalise_intensity(img, spec.low_percentile, spec.high_percentile), spec)
     return img[:, :, None]
+
+
+def _resize_reduced(img: np.ndarray, reduction: Reduction, spec: Preprocessing) -> np.ndarray:
+    """Area resize to ``spec.size`` of the full image's cropped region, mapped (fractionally)
+    onto the reduced image's pixels."""
+    (height, width), scale, origin = reduction.full_size, reduction.scale, reduction.origin
+    dy, dx = _margins(height, width, spec.crop_fraction)
+    rows, row_weights = _area_taps((dy - origin) / scale, (height - dy - origin) / scale, spec.size, img.shape[0])
+    cols, col_weights = _area_taps((dx - origin) / scale, (width - dx - origin) / scale, spec.size, img.shape[1])
+    img = (img[rows] * row_weights[:, :, None]).sum(axis=1)
+    return (img[:, cols] * col_weights).sum(axis=2)
+
+
+def _area_taps(start: float, stop: float, n: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and weights, both (n, taps), of an area resize of the source span
+    [start, stop) to ``n`` pixels: output i is the mean of the source over
+    [start + i * step, start + (i + 1) * step), step = (stop - start) / n (what cv2.INTER_AREA
+    does for whole-pixel spans). Source beyond 0..length is left out."""
+    edges = start + (stop - start) / n * np.arange(n + 1)
+    index = np.floor(edges[:-1]).astype(np.intp)[:, None] + np.arange(math.ceil((stop - start) / n) + 1)
+    overlap = np.minimum(edges[1:, None], index + 1) - np.maximum(edges[:-1, None], index)
+    weights = np.where((index >= 0) & (index < length), np.clip(overlap, 0.0, None), 0.0)
+    weights /= weights.sum(axis=1, keepdims=True)
+    return np.clip(index, 0, length - 1), weights.astype(np.float32)
