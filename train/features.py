@@ -59,7 +59,7 @@ def view_input(image: Image, view: int, spec: Preprocessing, seed: int, recipe: 
     grey = read_image(image.path)
     if view:
         grey = augment.augment(grey, augment.view_rng(seed, image.sha256, view), recipe)
-    return preprocess(grey, spec, lung_box)
+    return preprocess(grey, spec, lung_box=lung_box)
 
 
 def view_key(image: Image, view: int, spec: Preprocessing, base_digest: str, seed: int,
