@@ -22,7 +22,8 @@ def roots(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def trained(roots, tmp_path_factory):
-    """``xray-edge train`` on both roots with the tiny VGG-layout base (gap and flatten heads)."""
+    """``xray-edge train`` on both roots with the tiny VGG-layout base (flatten head: on the tiny
+    base's random features it learns in a few epochs where the pooled head does not)."""
     pytest.importorskip("tensorflow")
     from typer.testing import CliRunner
 
@@ -30,7 +31,7 @@ def trained(roots, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("train")
     result = CliRunner().invoke(app, ["train", *map(str, roots), "--out", str(out), "--force", "--cache-dir",
-                                      str(out / "cache"), "--heads", "gap,flatten", *TRAIN_ARGS])
+                                      str(out / "cache"), "--heads", "flatten", *TRAIN_ARGS])
     assert result.exit_code == 0, result.output
     return out
 

@@ -83,6 +83,8 @@ def train(
         problems.append("--arch vgg-tiny has no pretrained weights: give --weights none")
     if augment not in ("processing", "geometric"):
         problems.append("--augment must be processing or geometric")
+    if weights not in (None, "none", "imagenet") and not os.path.isfile(weights):
+        problems.append(f"VGG-19 weights file not found: {weights}")
     if weights is None and arch == "vgg19" and not os.environ.get("XRAY_EDGE_VGG19_WEIGHTS"):  # train.model.WEIGHTS_ENV
         problems.append("give --weights PATH (VGG-19 no-top .h5), 'imagenet' or 'none' (random init), "
                         "or set XRAY_EDGE_VGG19_WEIGHTS")

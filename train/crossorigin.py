@@ -19,7 +19,7 @@ import numpy as np
 from xray_edge.contract import AGE_GROUPS
 from xray_edge.train.report import wilson
 
-# (train mask, val mask) over the images -> a predictor of class probabilities for a mask
+# (train mask, val mask) over the images -> a predictor of class (or age-group) probabilities for a mask
 FitFn = Callable[[np.ndarray, np.ndarray], Callable[[np.ndarray], np.ndarray]]
 
 
@@ -29,10 +29,9 @@ def holdable_origins(labels: np.ndarray, origins: np.ndarray, n_classes: int) ->
             if all(((labels == c) & (origins != o)).any() for c in range(n_classes))]
 
 
-def fold_report(y: np.ndarray, probs: np.ndarray, classes: Sequence[str], age_true: np.ndarray | None = None,
-                age_probs: np.ndarray | None = None) -> dict[str, Any]:
+def fold_report(y: np.ndarray, probs: np.ndarray, classes: Sequence[str]) -> dict[str, Any]:
     """Per-class sensitivity and specificity with Wilson CIs, confusion matrix (rows = truth),
-    macro-F1 over the classes present, balanced accuracy, and age-group agreement."""
+    macro-F1 over the classes present and balanced accuracy."""
     pred = probs.argmax(axis=1)
     n = len(classes)
     cm = np.zeros((n, n), dtype=int)
@@ -50,7 +49,7 @@ def fold_report(y: np.ndarray, probs: np.ndarray, classes: Sequence[str], age_tr
         }
         if pos:
             f1s.append(2 * tp / (pos + flagged))
-    out = {
+    return {
         "n": int(len(y)),
         "classes_present": [classes[c] for c in present],
         "macro_f1_present": float(np.mean(f1s)) if f1s else None,
@@ -58,28 +57,20 @@ def fold_report(y: np.ndarray, probs: np.ndarray, classes: Sequence[str], age_tr
         "per_class": per_class,
         "confusion_matrix": cm.tolist(),
     }
-    if age_true is not None and age_probs is not None:
-        called = age_probs.argmax(axis=1)
-        out["age"] = {"accuracy": float(np.mean(called == age_true)),
-                      "called": {g: int((called == i).sum()) for i, g in enumerate(AGE_GROUPS)}}
-    return out
 
 
 def leave_one_origin_out(fit: FitFn, labels: np.ndarray, origins: np.ndarray, splits: np.ndarray,
-                         classes: Sequence[str], age: np.ndarray,
-                         fit_age: Callable[[np.ndarray, np.ndarray], Callable[[np.ndarray], np.ndarray]]
-                         ) -> dict[str, Any]:
-    """LOOO over every holdable origin: ``fit`` (and ``fit_age``) on the training/validation images
-    of the other origins, report on every image of the held-out one."""
+                         classes: Sequence[str]) -> dict[str, Any]:
+    """LOOO over every holdable origin: ``fit`` on the training/validation images of the other
+    origins, report on every image of the held-out one."""
     folds = {}
     pooled_y, pooled_p = [], []
     for o in holdable_origins(labels, origins, len(classes)):
         keep = origins != o
         predict = fit(keep & (splits == "train"), keep & (splits == "val"))
-        predict_age = fit_age(keep & (splits == "train"), keep & (splits == "val"))
         test = origins == o
         probs = predict(test)
-        folds[o] = fold_report(labels[test], probs, classes, age[test], predict_age(test))
+        folds[o] = fold_report(labels[test], probs, classes)
         pooled_y.append(labels[test])
         pooled_p.append(probs)
     f1 = [f["macro_f1_present"] for f in folds.values() if f["macro_f1_present"] is not None]
@@ -91,6 +82,19 @@ def leave_one_origin_out(fit: FitFn, labels: np.ndarray, origins: np.ndarray, sp
         "mean_balanced_accuracy": float(np.mean([f["balanced_accuracy"] for f in folds.values()])) if folds else None,
         "pooled": fold_report(np.concatenate(pooled_y), np.concatenate(pooled_p), classes) if folds else None,
     }
+
+
+def age_by_origin(fit_age: FitFn, labels: np.ndarray, origins: np.ndarray, splits: np.ndarray, age: np.ndarray,
+                  n_classes: int) -> dict[str, Any]:
+    """For every holdable origin: the age head trained without it, and how it calls its images
+    (adult/child) against the age group of that origin."""
+    out = {}
+    for o in holdable_origins(labels, origins, n_classes):
+        keep = origins != o
+        called = fit_age(keep & (splits == "train"), keep & (splits == "val"))(origins == o).argmax(axis=1)
+        out[o] = {"accuracy": float(np.mean(called == age[origins == o])),
+                  "called": {g: int((called == i).sum()) for i, g in enumerate(AGE_GROUPS)}}
+    return out
 
 
 def normal_probe(fit: FitFn, labels: np.ndarray, origins: np.ndarray, splits: np.ndarray,

@@ -223,8 +223,7 @@ def evaluate_recipe(cfg: TrainConfig, ds: Dataset, views: Views, recipe: Recipe,
                     histories: dict[str, Any] | None = None) -> dict[str, Any]:
     """Internal validation/test figures and leave-one-origin-out of one recipe and head kind."""
     fit = head_fitter(cfg, ds, views, kind, recipe.origin_weights, histories)
-    fit_age = age_fitter(cfg, ds, views)
-    looo = crossorigin.leave_one_origin_out(fit, ds.labels, ds.origins, ds.splits, ds.classes, ds.age, fit_age)
+    looo = crossorigin.leave_one_origin_out(fit, ds.labels, ds.origins, ds.splits, ds.classes)
     predict = fit(ds.splits == "train", ds.splits == "val")  # last: fit.head is the all-origin head
     probs = {s: predict(ds.splits == s) for s in ("val", "test")}
     y = {s: ds.labels[ds.splits == s] for s in ("val", "test")}
@@ -237,6 +236,11 @@ def evaluate_recipe(cfg: TrainConfig, ds: Dataset, views: Views, recipe: Recipe,
         "_fit": fit,
         "_probs": probs,
     }
+
+
+def choose_head(candidates: dict[str, dict[str, Any]]) -> str:
+    """The head kind with the best mean leave-one-origin-out macro-F1 (``SELECTION_RULE``)."""
+    return max(candidates, key=lambda k: (candidates[k]["looo"]["mean_macro_f1"] or 0, -candidates[k]["val_nll"]))
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
@@ -269,7 +273,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     for kind in cfg.heads:
         with stage(timings, f"heads_{kind}_with_looo"):
             candidates[kind] = evaluate_recipe(cfg, ds, views, recipe, kind, histories)
-    chosen = max(candidates, key=lambda k: (candidates[k]["looo"]["mean_macro_f1"] or 0, -candidates[k]["val_nll"]))
+    chosen = choose_head(candidates)
     result = candidates[chosen]
     head = result["_fit"].head
     for kind in cfg.heads:
@@ -280,6 +284,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     clean_rows = {s: np.flatnonzero(clean & (ds.splits[views.image] == s)) for s in SPLITS}
     with stage(timings, "age_head_gate"):
         age_fit = age_fitter(cfg, ds, views)
+        for o, ages in crossorigin.age_by_origin(age_fit, ds.labels, ds.origins, ds.splits, ds.age,
+                                                  len(ds.classes)).items():
+            result["looo"]["origins"][o]["age"] = ages
         age_predict = age_fit(ds.splits == "train", ds.splits == "val")
         age_head = age_fit.head
         means, whiten = ood.fit_mahalanobis(pooled[clean_rows["train"]], ds.labels[views.image[clean_rows["train"]]],
