@@ -80,6 +80,9 @@ def benchmark(
                                            "[default: gate-sets]")] = None,
     peak: Annotated[Optional[bool], typer.Option(
         "--peak/--no-peak", help="Measure the CPU's int8 peak (a 3 s micro-benchmark). [default: peak]")] = None,
+    cold_start: Annotated[Optional[int], typer.Option(
+        help="Rounds of the cold-start measurement: classify one image in a fresh process vs a bare script "
+             "(0: none). (default: 7)")] = None,
     out: Annotated[Optional[Path], typer.Option(
         help="Folder for RESULTS.md and results.*. (default: a new folder runs/benchmark-<date>-<time>)")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite results already in --out.")] = False,
@@ -97,7 +100,8 @@ def benchmark(
                  formats=formats, build=build, build_dir=build_dir, calibration=calibration,
                  calibration_images=calibration_images, threads=threads, warmup=warmup, runs=runs,
                  seconds=seconds, timeout=timeout, n_boot=n_boot, e2e_format=e2e_format, e2e_images=e2e_images,
-                 fullsize=fullsize, fullsize_px=fullsize_px, gate_sets=gate_sets, peak=peak, out=out)
+                 fullsize=fullsize, fullsize_px=fullsize_px, gate_sets=gate_sets, peak=peak, cold_start=cold_start,
+                 out=out)
     command = _command({"config": config, **given, "force": force or None})
     try:
         options = {k: v for k, v in given.items() if k != "model"}

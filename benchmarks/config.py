@@ -53,6 +53,7 @@ class Settings:
     fullsize_px: int = 0  # 0: each format's size in FULLSIZE
     gate_sets: bool = True  # the input gate on out-of-distribution images (photos, CT/MR, blank, text)
     peak: bool = True  # the int8 peak micro-benchmark
+    cold_start: int = 7  # rounds of the cold-start measurement (0: none)
     out: Path | None = None  # None: a new folder runs/benchmark-<date>-<time>
     force: bool = False  # overwrite results already in out
 
@@ -122,7 +123,7 @@ def settings(config: Path | None, options: dict[str, Any]) -> Settings:
         raise ConfigError(f"formats: unknown {unknown}; known: {', '.join(f.name for f in FORMATS)}")
     if s.e2e_format and not s.e2e_format.startswith("onnx_"):
         raise ConfigError(f"e2e_format must be an ONNX format (the runtime runs ONNX), got {s.e2e_format!r}")
-    for key in ("limit", "warmup", "calibration_images", "e2e_images", "fullsize", "fullsize_px", "n_boot"):
+    for key in ("limit", "warmup", "calibration_images", "e2e_images", "fullsize", "fullsize_px", "n_boot", "cold_start"):
         if getattr(s, key) < 0:
             raise ConfigError(f"{key} must be >= 0")
     if s.threads < 1 or s.runs < 1:

@@ -127,9 +127,10 @@ def measure_set(model: Any, paths: Sequence[str], workers: int | None, threads: 
 
 
 def run(path: Path, threads: int, sets: dict[str, list[str]], workers: int | None = None,
-        ood: dict[str, list[str]] | None = None) -> dict[str, Any]:
+        ood: dict[str, list[str]] | None = None, cold_start: int = 0) -> dict[str, Any]:
     """Every set through ``path`` (an ONNX model) with ``threads`` onnxruntime threads; the heatmap
-    cost on the first set; the input gate on the ``ood`` sets."""
+    cost on the first set; the input gate on the ``ood`` sets; ``cold_start`` rounds of the cold
+    start on the first image."""
     from xray_edge.session import load_model
 
     model = load_model(path, threads)
@@ -137,6 +138,10 @@ def run(path: Path, threads: int, sets: dict[str, list[str]], workers: int | Non
     first = next(iter(sets.values()), [])
     out["heatmaps"] = heatmap_cost(model, first, workers) if first else None
     out["gate"] = gate_sets(model, ood, workers) if ood else None
+    if first and cold_start:
+        from xray_edge.benchmarks.coldstart import measure
+
+        out["cold_start"] = measure(path, Path(first[0]), cold_start)
     return out
 
 

@@ -130,6 +130,12 @@ def _e2e_markdown(e2e: dict[str, Any] | None) -> list[str]:
         lines += ["", f"Heatmaps (`classify --heatmaps`: the Grad-CAM output plus drawing and encoding the PNG) add "
                       f"{maps['ms_added_per_image']:.1f} ms per image ({maps['ms_per_image_without']:.1f} -> "
                       f"{maps['ms_per_image_with']:.1f} ms/img through the pipeline, {maps['images']} images)."]
+    cold = e2e.get("cold_start")
+    if cold:
+        t = cold["seconds"]
+        lines += ["", f"Cold start (a fresh process to the result, median of {cold['rounds']}): `xray-edge classify` one "
+                      f"image {t['classify']:.2f} s, a bare onnxruntime + OpenCV script on the same image and model "
+                      f"{t['bare_script']:.2f} s ({cold['classify_over_bare']:.2f}x); `xray-edge --help` {t['help']:.2f} s."]
     gate = e2e.get("gate")
     if gate:
         lines += ["", "### Input gate on images the model was not built for", "",

@@ -19,11 +19,10 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn, Optional
 
-import numpy as np
 import typer
 
-from .decode import DEFAULT_MAX_PIXELS, DICOM_SUFFIXES, is_dicom
 from .files import read_head
+from .inputs import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, is_dicom
 from .terminal import Progress, printable, say
 
 if TYPE_CHECKING:
@@ -31,7 +30,6 @@ if TYPE_CHECKING:
     from .report import Gallery
     from .session import LoadedModel
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", *DICOM_SUFFIXES)
 SHIPPED_MODEL = "xray-edge-vgg19-int8.onnx"
 SHIPPED_PIN = "shipped.json"  # {file name: sha256} of the models installed with the package
 DISCLAIMER = "xray-edge is a research screening aid, not a diagnostic device: every result needs a clinician."
@@ -195,6 +193,8 @@ def _run(model: LoadedModel, files: list[str], output: Path | None, resume: bool
 def _row(result: Result, model: LoadedModel, heatmaps: Path | None, gallery: Gallery | None) -> dict[str, Any]:
     """One file's results row, by the record's rules; its heatmap picture written to ``heatmaps``
     and kept for the report when asked for (classified images only)."""
+    import numpy as np
+
     from .decision import decide
     from .heatmap import caption, overlay, png_bytes, save
     from .results import make_row

@@ -49,11 +49,11 @@ from typing import NamedTuple
 import cv2
 import numpy as np
 
+from .inputs import DEFAULT_MAX_PIXELS, DICOM_SUFFIXES, is_dicom  # noqa: F401 (re-exported)
+
 from . import j2k
 from .files import FileTooLarge, NotRegularFile, read_regular
 
-DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000; the largest chest X-ray detectors are ~20 MP
-DICOM_SUFFIXES = (".dcm", ".dicom")
 _FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR  # keeps 16-bit, drops alpha, applies EXIF
 _JPEG_SCALED = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
 _FULL_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
@@ -117,11 +117,6 @@ def unit_float(grey: np.ndarray) -> np.ndarray:
     out = grey.astype(np.float32)
     out /= scale
     return out
-
-
-def is_dicom(data: bytes) -> bool:
-    """True if ``data`` starts with a DICOM Part 10 preamble ('DICM' at byte 128)."""
-    return data[128:132] == b"DICM"
 
 
 def file_format(data: bytes) -> str | None:

@@ -24,7 +24,7 @@ from xray_edge.session import load_model, predict_proba
 
 SIZE = 32
 FAST = ["--threads", "1", "--warmup", "1", "--runs", "3", "--seconds", "0", "--n-boot", "20", "--no-build",
-        "--no-peak", "--no-gate-sets"]
+        "--no-peak", "--no-gate-sets", "--cold-start", "0"]
 
 
 def patch_image(block: int, seed: int) -> np.ndarray:
@@ -71,7 +71,7 @@ def run_cli(setup: dict[str, Path], out: Path, *extra: str) -> dict:
 def results(setup, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("out")
     return run_cli(setup, out, "--model", f"onnx_fp16={setup['corrupt']}", "--e2e-images", "6", "--fullsize", "1",
-                   "--fullsize-px", "300", "--peak", "--gate-sets") | {"_out": str(out)}
+                   "--fullsize-px", "300", "--peak", "--gate-sets", "--cold-start", "1") | {"_out": str(out)}
 
 
 def direct_probs(model_path: Path, data: Path) -> tuple[np.ndarray, np.ndarray]:
@@ -124,6 +124,8 @@ def test_end_to_end_measured(results):
         assert s["classified"] == 1 and "300x300" in s["description"], kind
         assert s["decode_preprocess_ms_median"] > 0 and s["bound_images_per_s"] > 0 and 0 < s["share_of_bound"]
     assert e2e["heatmaps"]["ms_per_image_with"] > 0
+    cold = e2e["cold_start"]["seconds"]
+    assert cold["classify"] > 0 and cold["bare_script"] > 0 and cold["help"] > 0
     gate = e2e["gate"]
     assert gate and all(g["images"] == g["rejected"] + g["error"] + g["labelled"] for g in gate.values())
     generated = gate["generated (blank, noise, pattern, document)"]

@@ -10,9 +10,7 @@ import typer
 
 from xray_edge.contract import INPUT_SIZE, INTENSITY_METHODS
 from xray_edge.extras import require
-from xray_edge.train.data import CHILD_ORIGINS
-from xray_edge.train.features import DEFAULT_CACHE
-from xray_edge.train.recipes import DEFAULT
+from xray_edge.train.recipes import CHILD_ORIGINS, DEFAULT, FEATURE_CACHE
 
 
 def train(
@@ -36,7 +34,7 @@ def train(
         help="Comma-separated origins whose images are children (every other origin: adults).")] = ",".join(CHILD_ORIGINS),
     size: Annotated[int, typer.Option(help="Model input size (pixels).")] = INPUT_SIZE,
     seed: Annotated[int, typer.Option(help="Seed of the split, augmentation and training.")] = 0,
-    cache_dir: Annotated[Path, typer.Option(help="Feature cache folder.")] = DEFAULT_CACHE,
+    cache_dir: Annotated[Path, typer.Option(help="Feature cache folder.")] = FEATURE_CACHE,
     intensity: Annotated[str, typer.Option(
         help=f"Intensity normalisation after the percentile stretch: {', '.join(INTENSITY_METHODS)}.")] = DEFAULT.intensity,
     crop_fraction: Annotated[float, typer.Option(help="Border cropped from each side.")] = DEFAULT.crop_fraction,

@@ -22,10 +22,10 @@ import numpy as np
 
 from xray_edge.contract import CLASSES
 from xray_edge.decode import DecodeError, read_image
+from xray_edge.inputs import IMAGE_SUFFIXES
+from xray_edge.train.recipes import CHILD_ORIGINS
 from xray_edge.train.split import phash_bits, thumbnail
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".dicom")
-CHILD_ORIGINS = ("waliatushar",)  # the Kermany pediatric set (children aged 1-5) in CXR3
 
 
 class DatasetError(ValueError):

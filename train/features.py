@@ -22,7 +22,6 @@ from xray_edge.train import augment
 from xray_edge.train.data import Image
 
 DECODER = "xray_edge.decode.read_image/v1"  # part of the cache key: change when decoding changes
-DEFAULT_CACHE = Path.home() / ".cache" / "xray-edge" / "features"
 
 
 def onnx_runner(onnx_bytes: bytes, output: int = 0):

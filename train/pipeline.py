@@ -24,7 +24,7 @@ from xray_edge.contract import AGE_GROUPS, Heatmap, ModelRecord, Outputs, Prepro
 from xray_edge.metrics import classification_report, expected_calibration_error, fit_temperature, softmax
 from xray_edge.train import crossorigin, data, features, heads, ood, report, split, thresholds
 from xray_edge.train.manifest import SPLITS, write_manifest
-from xray_edge.train.recipes import DEFAULT, Recipe
+from xray_edge.train.recipes import CHILD_ORIGINS, DEFAULT, FEATURE_CACHE, Recipe
 
 SELECTION_RULE = ("highest mean leave-one-origin-out macro-F1 (over the classes each held-out origin has); "
                   "ties broken by the lower validation NLL")
@@ -43,10 +43,10 @@ class TrainConfig:
     weights: str | None = None
     arch: str = "vgg19"
     classes: list[str] | None = None
-    child_origins: tuple[str, ...] = data.CHILD_ORIGINS
+    child_origins: tuple[str, ...] = CHILD_ORIGINS
     size: int = 224
     seed: int = 0
-    cache_dir: Path = features.DEFAULT_CACHE
+    cache_dir: Path = FEATURE_CACHE
     recipe: Recipe = field(default_factory=lambda: DEFAULT)
     heads: tuple[str, ...] = ("gap",)
     epochs: int = 40

@@ -16,12 +16,16 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from xray_edge.contract import Preprocessing
-from xray_edge.preprocess import LungBox
+
+if TYPE_CHECKING:
+    from xray_edge.preprocess import LungBox
 
 BEGIN = "<!-- BEGIN GENERATED: python -m xray_edge.train.recipes (do not edit by hand) -->"
+CHILD_ORIGINS = ("waliatushar",)  # the Kermany pediatric set (children aged 1-5) in CXR3: every other origin is adult
+FEATURE_CACHE = Path.home() / ".cache" / "xray-edge" / "features"  # base features, one file per image view
 END = "<!-- END GENERATED -->"
 
 
@@ -47,7 +51,7 @@ class Recipe:
             crop = installed_spec()
         return Preprocessing(size=size, intensity=self.intensity, crop_fraction=self.crop_fraction, lung_crop=crop)
 
-    def lung_box(self) -> LungBox | None:
+    def lung_box(self) -> "LungBox | None":
         if not self.lung_crop:
             return None
         from xray_edge.lungs import lung_finder

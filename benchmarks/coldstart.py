@@ -1,0 +1,58 @@
+"""Cold start: from process start to a result. ``xray-edge classify IMAGE`` against a bare script
+that only imports onnxruntime and OpenCV, decodes and preprocesses the image the simplest way and
+runs the same model, and ``xray-edge --help``; each a fresh process, the three interleaved in
+rounds, medians reported."""
+from __future__ import annotations
+
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+BARE = """
+import sys
+import cv2, numpy as np, onnxruntime as ort
+session = ort.InferenceSession(sys.argv[1], providers=["CPUExecutionProvider"])
+size = session.get_inputs()[0].shape[1]
+grey = cv2.imread(sys.argv[2], cv2.IMREAD_GRAYSCALE).astype(np.float32) / 255
+h, w = grey.shape
+grey = grey[round(h * 0.08): h - round(h * 0.08), round(w * 0.08): w - round(w * 0.08)]
+x = cv2.resize(grey, (size, size), interpolation=cv2.INTER_AREA)
+lo, hi = np.percentile(x, (0.5, 99.5))
+x = np.clip((x - lo) / (hi - lo), 0, 1)[None, :, :, None].astype(np.float32)
+print(session.run(["logits"], {"image": x})[0])
+"""
+
+
+def _seconds(command: list[str]) -> float:
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[:3])} ... exited {proc.returncode}: {proc.stderr.strip()[-300:]}")
+    return elapsed
+
+
+def measure(model: Path, image: Path, rounds: int = 7) -> dict[str, Any]:
+    """Median seconds of each command over ``rounds`` interleaved rounds (after one warm-up
+    round, so the files are in the page cache)."""
+    script = Path(sys.executable).with_name("xray-edge")  # the console script a user runs
+    cli = [str(script)] if script.is_file() else [shutil.which("xray-edge") or "xray-edge"]
+    commands = {
+        "classify": [*cli, "classify", str(image), "--model", str(model), "--quiet"],
+        "bare_script": [sys.executable, "-c", BARE, str(model), str(image)],
+        "help": [*cli, "--help"],
+    }
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    for r in range(rounds + 1):
+        for name, command in commands.items():
+            t = _seconds(command)
+            if r:
+                times[name].append(t)
+    median = {name: statistics.median(t) for name, t in times.items()}
+    return {"rounds": rounds, "seconds": median, "classify_over_bare": median["classify"] / median["bare_script"],
+            "method": "fresh process each; classify of one image with the given model vs a bare onnxruntime + "
+                      "OpenCV script on the same image and model; interleaved rounds, median"}
