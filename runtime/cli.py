@@ -9,7 +9,7 @@ from xray_edge.benchmarks.cli import benchmark
 from xray_edge.export.command import export
 from xray_edge.train.cli import train
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Chest X-ray screening on cheap hardware (research aid, not a diagnostic device).")
 app.command(name="classify")(classify)
 app.command(name="train")(train)
