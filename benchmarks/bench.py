@@ -58,8 +58,9 @@ def reference_record(s: Settings) -> tuple[ModelRecord, str]:
 
 def child(job: dict[str, Any], work: Path, threads: int, timeout: float) -> dict[str, Any]:
     """Run ``job`` in ``python -m xray_edge.benchmarks.worker``; its result, or ``{"error": ...}``.
-    The worker's progress lines are passed on to stderr; everything it prints goes to its log. The
-    worker is killed on timeout or when this process is interrupted."""
+    The worker's progress lines (a build's every line but TensorFlow's log) are passed on to
+    stderr; everything it prints goes to its log. The worker is killed on timeout or when this
+    process is interrupted."""
     folder = work / f"{job['mode']}-{job.get('format', 'e2e')}"
     folder.mkdir(parents=True, exist_ok=True)
     job = job | {"out": str(folder)}
@@ -77,6 +78,8 @@ def child(job: dict[str, Any], work: Path, threads: int, timeout: float) -> dict
                 f.write(line)
                 if line.startswith(PROGRESS):
                     log(f"  {line[len(PROGRESS):].rstrip()}")
+                elif job["mode"] == "build" and line.strip() and not line.startswith(("I0000", "W0000", "E0000")):
+                    log(f"  {line.rstrip()}")
         proc.wait()
     finally:
         timer.cancel()
@@ -129,7 +132,7 @@ def ensure_file(fmt: Format, path: Path, s: Settings, record: ModelRecord, work:
     options = {"record": record.to_json(), "split": str(calibration) if calibration else None,
                "data_root": str(s.data_root) if s.data_root else None, "calibration_images": s.calibration_images,
                "seed": s.seed, "onnx_variants": onnx_todo}
-    log(f"[{fmt.name}] building {path} from {keras}")
+    log(f"[{fmt.name}] building {path} from {keras}: {build_plan(fmt, onnx_todo, calibration, s)}")
     start = time.perf_counter()
     info = child({"mode": "build", "format": fmt.name, "keras": str(keras), "target": str(path), "options": options},
                  work, s.threads, s.timeout)
@@ -141,6 +144,21 @@ def ensure_file(fmt: Format, path: Path, s: Settings, record: ModelRecord, work:
     for built in files:
         built.with_name(built.name + BUILD_SIDECAR).write_text(json.dumps(info, indent=2))
     return None, None
+
+
+def build_plan(fmt: Format, onnx_todo: list[str], calibration: Path | None, s: Settings) -> str:
+    """What a build will do and roughly how long it takes (said before it starts)."""
+    if fmt.name.startswith("onnx_"):
+        n = 0
+        if calibration is not None:
+            from xray_edge.train.manifest import read_manifest
+
+            n = sum(r["split"] in ("val", "test") for r in read_manifest(calibration))
+        return (f"xray-edge export of {', '.join(onnx_todo)}: tf2onnx conversion (~1 min), INT8 calibration on "
+                f"{s.calibration_images} training images, and each variant's gate on the split's {n} validation and "
+                f"test images (roughly {max(1, round(n * 0.15 * (len(onnx_todo) + 1) / 60))} min on 2 cores)")
+    return (f"TensorFlow Lite conversion (~1 min)"
+            + (f" and INT8 calibration on {s.calibration_images} training images" if "int8" in fmt.name else ""))
 
 
 def measure_format(fmt: Format, path: Path, s: Settings, record: ModelRecord, images: Path, work: Path,
