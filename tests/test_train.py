@@ -275,6 +275,7 @@ def test_end_to_end_outputs(trained, roots):
     looo = m["leave_one_origin_out"]
     assert set(looo["origins"]) == {"adults", "clinic"}  # "kids" alone has VIRAL_PNEUMONIA
     assert looo["origins"]["clinic"]["n"] == 16 and looo["origins"]["clinic"]["age"]["called"]["adult"] >= 0
+    assert 0 <= looo["origins"]["clinic"]["gate_rejection_rate"] <= 1
     assert looo["mean_macro_f1"] == pytest.approx(np.mean([f["macro_f1_present"] for f in looo["origins"].values()]))
     assert set(m["heads"]) == {"flatten"} and m["selected_head"] == "flatten"
     assert m["onnx_feature_check"]["passed"] and m["shipped_model_check"]["passed"]

@@ -97,6 +97,23 @@ def age_by_origin(fit_age: FitFn, labels: np.ndarray, origins: np.ndarray, split
     return out
 
 
+def gate_by_origin(pooled: np.ndarray, labels: np.ndarray, origins: np.ndarray, splits: np.ndarray,
+                   n_classes: int, quantile: float) -> dict[str, float]:
+    """For every holdable origin: the input gate fitted without it (training images of the other
+    origins, limit at ``quantile`` of their validation images) and the share of its real X-rays
+    that gate would reject (``pooled``: clean pooled features, one row per image)."""
+    from xray_edge.train import ood
+
+    out = {}
+    for o in holdable_origins(labels, origins, n_classes):
+        keep = origins != o
+        train, val = keep & (splits == "train"), keep & (splits == "val")
+        means, whiten = ood.fit_mahalanobis(pooled[train], labels[train], n_classes)
+        gate = ood.calibrate(ood.distances(pooled[val], means, whiten), quantile)
+        out[o] = float(np.mean(ood.distances(pooled[origins == o], means, whiten) > gate.threshold))
+    return out
+
+
 def normal_probe(fit: FitFn, labels: np.ndarray, origins: np.ndarray, splits: np.ndarray,
                  classes: Sequence[str]) -> dict[str, Any]:
     """For each NORMAL origin: heads trained without its NORMAL images; how are its test NORMALs called?"""

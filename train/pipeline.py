@@ -92,6 +92,13 @@ class Views:
         """Global-average-pooled features (V, K) float32 (what the age head and the gate see)."""
         return self.x.astype(np.float32).mean(axis=(1, 2))
 
+    def clean_rows(self) -> np.ndarray:
+        """The row of every image's clean view, by image index."""
+        clean = self.view == 0
+        rows = np.empty(int(clean.sum()), int)
+        rows[self.image[clean]] = np.flatnonzero(clean)
+        return rows
+
 
 @contextmanager
 def stage(timings: dict[str, float], name: str) -> Iterator[None]:
@@ -180,9 +187,7 @@ def head_fitter(cfg: TrainConfig, ds: Dataset, views: Views, kind: str, by_origi
                 histories: dict[str, Any] | None = None) -> crossorigin.FitFn:
     """A function (train images, val images) -> predictor of calibrated-free class probabilities
     for any set of images, training a ``kind`` head on the views of those images."""
-    clean = views.view == 0
-    row_of = np.empty(len(ds.images), int)
-    row_of[views.image[clean]] = np.flatnonzero(clean)
+    row_of = views.clean_rows()
     y_view = ds.labels[views.image]
 
     def fit(train: np.ndarray, val: np.ndarray):
@@ -205,9 +210,7 @@ def head_fitter(cfg: TrainConfig, ds: Dataset, views: Views, kind: str, by_origi
 def age_fitter(cfg: TrainConfig, ds: Dataset, views: Views) -> Callable[[np.ndarray, np.ndarray], Any]:
     """Like ``head_fitter`` for the age head (on pooled features, every training view)."""
     pooled = views.pooled()
-    clean = views.view == 0
-    row_of = np.empty(len(ds.images), int)
-    row_of[views.image[clean]] = np.flatnonzero(clean)
+    row_of = views.clean_rows()
 
     def fit(train: np.ndarray, val: np.ndarray):
         rows, vrows = np.flatnonzero(train[views.image]), row_of[np.flatnonzero(val)]
@@ -280,8 +283,8 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         report.write_history(cfg.out / f"history_{kind}.csv", histories[kind])
 
     pooled = views.pooled()
-    clean = views.view == 0
-    clean_rows = {s: np.flatnonzero(clean & (ds.splits[views.image] == s)) for s in SPLITS}
+    rows_of = views.clean_rows()
+    split_rows = {s: rows_of[ds.splits == s] for s in SPLITS}  # clean views, in image order
     with stage(timings, "age_head_gate"):
         age_fit = age_fitter(cfg, ds, views)
         for o, ages in crossorigin.age_by_origin(age_fit, ds.labels, ds.origins, ds.splits, ds.age,
@@ -289,10 +292,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             result["looo"]["origins"][o]["age"] = ages
         age_predict = age_fit(ds.splits == "train", ds.splits == "val")
         age_head = age_fit.head
-        means, whiten = ood.fit_mahalanobis(pooled[clean_rows["train"]], ds.labels[views.image[clean_rows["train"]]],
+        means, whiten = ood.fit_mahalanobis(pooled[split_rows["train"]], ds.labels[views.image[split_rows["train"]]],
                                             len(ds.classes))
-        val_distance = ood.distances(pooled[clean_rows["val"]], means, whiten)
+        val_distance = ood.distances(pooled[split_rows["val"]], means, whiten)
         gate = ood.calibrate(val_distance, cfg.gate_quantile)
+        for o, rate in crossorigin.gate_by_origin(pooled[rows_of], ds.labels, ds.origins, ds.splits,
+                                                  len(ds.classes), cfg.gate_quantile).items():
+            result["looo"]["origins"][o]["gate_rejection_rate"] = rate
 
     if cfg.fine_tune_epochs:
         from xray_edge.train.finetune import fine_tune
@@ -301,9 +307,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             img = {s: np.stack([features.view_input(ds.images[i], v, spec, cfg.seed, recipe.augment, recipe.lung_box())
                                 for i, v in zip(views.image[r], views.view[r])])
                    for s, r in (("train", np.flatnonzero(ds.splits[views.image] == "train")),
-                                ("val", clean_rows["val"]), ("test", clean_rows["test"]))}
+                                ("val", split_rows["val"]), ("test", split_rows["test"]))}
             y_img = {s: ds.labels[views.image[r]] for s, r in (("train", np.flatnonzero(ds.splits[views.image] == "train")),
-                                                               ("val", clean_rows["val"]), ("test", clean_rows["test"]))}
+                                                               ("val", split_rows["val"]), ("test", split_rows["test"]))}
             histories["finetune"] = fine_tune(base, head, img["train"], y_img["train"], img["val"], y_img["val"],
                                               len(ds.classes), epochs=cfg.fine_tune_epochs, batch_size=cfg.batch_size,
                                               lr=cfg.fine_tune_lr, seed=cfg.seed)
@@ -311,7 +317,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             tuned = keras.Model(base.input, head(base.output[1]))
             logits = {s: np.asarray(tuned.predict(img[s], batch_size=16, verbose=0), np.float64) for s in ("val", "test")}
     else:
-        logits = {s: heads.predict_logits(head, views.x[clean_rows[s]]) for s in ("val", "test")}
+        logits = {s: heads.predict_logits(head, views.x[split_rows[s]]) for s in ("val", "test")}
 
     y = {s: ds.labels[ds.splits == s] for s in ("val", "test")}
     with stage(timings, "calibration_thresholds_reports"):
@@ -344,7 +350,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         model_check = features.compare(logits["test"][:4], np.asarray(got["logits"], np.float64), 1e-2)
         model_check["note"] = "reloaded model.keras logits vs the evaluated path (ONNX base, float16 feature cache)"
         model_check["ood_distance_relative_diff"] = float(np.max(np.abs(
-            got["ood_distance"] - ood.distances(pooled[clean_rows["test"][:4]], means, whiten))) / gate.threshold)
+            got["ood_distance"] - ood.distances(pooled[split_rows["test"][:4]], means, whiten))) / gate.threshold)
 
     timings["total"] = round(time.perf_counter() - t_start, 1)
     metrics = {
