@@ -157,7 +157,7 @@ def build_plan(fmt: Format, onnx_todo: list[str], calibration: Path | None, s: S
         return (f"xray-edge export of {', '.join(onnx_todo)}: tf2onnx conversion (~1 min), INT8 calibration on "
                 f"{s.calibration_images} training images, and each variant's gate on the split's {n} validation and "
                 f"test images (roughly {max(1, round(n * 0.15 * (len(onnx_todo) + 1) / 60))} min on 2 cores)")
-    return (f"TensorFlow Lite conversion (~1 min)"
+    return ("TensorFlow Lite conversion (~1 min)"
             + (f" and INT8 calibration on {s.calibration_images} training images" if "int8" in fmt.name else ""))
 
 

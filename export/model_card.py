@@ -89,7 +89,7 @@ def render(models: Sequence[tuple[Path, ModelRecord]], shipped: Path | None) -> 
         + f"; 'uncertain, refer' when the top two probabilities are within {first.abstain_margin:.3f}"
         + (f"; input gate: squared Mahalanobis distance above the {first.gate.quantile:.0%} quantile of the "
            f"validation images' ({gates}) is rejected" if first.gate else "")
-        + (f"; classes seen per age group: " + ", ".join(f"{c} {'/'.join(g)}" for c, g in first.seen_age_groups.items())
+        + ("; classes seen per age group: " + ", ".join(f"{c} {'/'.join(g)}" for c, g in first.seen_age_groups.items())
            if first.seen_age_groups else "") + ".",
         "",
         "### Files",

@@ -110,7 +110,7 @@ def test_corpus_gives_one_row_per_file_in_every_format(tmp_path, model_path):
             assert "Traceback" not in r["stdout"] + r["stderr"] and "Warning" not in r["stderr"], r["stderr"]
             assert not any(c in r["stdout"] for c in "\x1b\r"), "raw control characters on the terminal"
         assert f"{len(good)} already done" in resumed["stdout"]
-        assert f"0 classified (" in resumed["stdout"] and f"0 rejected, {len(bad)} failed" in resumed["stdout"]
+        assert "0 classified (" in resumed["stdout"] and f"0 rejected, {len(bad)} failed" in resumed["stdout"]
         rows = parse(out)
         assert len(rows) == len(expected), out
         got = {r["path"]: r for r in rows}

@@ -4,7 +4,7 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
