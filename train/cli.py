@@ -38,7 +38,8 @@ def train(
     intensity: Annotated[str, typer.Option(
         help=f"Intensity normalisation after the percentile stretch: {', '.join(INTENSITY_METHODS)}.")] = DEFAULT.intensity,
     crop_fraction: Annotated[float, typer.Option(help="Border cropped from each side.")] = DEFAULT.crop_fraction,
-    augment: Annotated[str, typer.Option(help="Augmentation recipe: processing or geometric.")] = DEFAULT.augment,
+    augment: Annotated[str, typer.Option(
+        help="Augmentation: processing, geometric, or both (geometric+processing: the views of each).")] = DEFAULT.augment,
     aug_views: Annotated[int, typer.Option(min=0, help="Augmented views per training image.")] = DEFAULT.aug_views,
     origin_weights: Annotated[bool, typer.Option(
         "--origin-weights/--class-weights",
@@ -79,8 +80,8 @@ def train(
         problems.append("--arch must be vgg19 or vgg-tiny")
     if arch == "vgg-tiny" and weights not in (None, "none"):
         problems.append("--arch vgg-tiny has no pretrained weights: give --weights none")
-    if augment not in ("processing", "geometric"):
-        problems.append("--augment must be processing or geometric")
+    if not set(augment.split("+")) <= {"processing", "geometric"}:
+        problems.append("--augment must be processing, geometric or geometric+processing")
     if weights not in (None, "none", "imagenet") and not os.path.isfile(weights):
         problems.append(f"VGG-19 weights file not found: {weights}")
     if weights is None and arch == "vgg19" and not os.environ.get("XRAY_EDGE_VGG19_WEIGHTS"):  # train.model.WEIGHTS_ENV

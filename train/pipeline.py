@@ -173,14 +173,22 @@ def base_runner(cfg: TrainConfig, ds: Dataset) -> tuple[Any, Callable[[np.ndarra
 
 
 def recipe_views(cfg: TrainConfig, ds: Dataset, recipe: Recipe, run_base, digest: str) -> Views:
-    """Features of every clean view and of ``recipe.aug_views`` augmented views per training image."""
+    """Features of every clean view and of ``recipe.aug_views`` augmented views per training image
+    by each augmentation of the recipe (``augment``: one name, or several joined by '+')."""
     spec = recipe.preprocessing(cfg.size)
     train = np.flatnonzero(ds.splits == "train")
-    image = np.concatenate([np.arange(len(ds.images))] + [train] * recipe.aug_views)
-    view = np.concatenate([np.zeros(len(ds.images), int)] + [np.full(len(train), v) for v in range(1, recipe.aug_views + 1)])
-    x, stats = features.extract(run_base, [(ds.images[i], int(v)) for i, v in zip(image, view)], spec, digest, cfg.seed,
-                                cfg.cache_dir, recipe.augment, recipe.lung_box())
-    return Views(x, image, view, stats | {"augment": recipe.augment, "aug_views": recipe.aug_views})
+    parts = [features.extract(run_base, [(im, 0) for im in ds.images], spec, digest, cfg.seed, cfg.cache_dir,
+                              lung_box=recipe.lung_box())]
+    images, views = [np.arange(len(ds.images))], [np.zeros(len(ds.images), int)]
+    for name in recipe.augment.split("+") if recipe.aug_views else ():
+        for v in range(1, recipe.aug_views + 1):
+            parts.append(features.extract(run_base, [(ds.images[i], v) for i in train], spec, digest, cfg.seed,
+                                          cfg.cache_dir, name, recipe.lung_box()))
+            images.append(train)
+            views.append(np.full(len(train), v))
+    stats = {k: sum(p[1][k] for p in parts) for k in ("views", "computed", "from_cache", "compute_seconds")}
+    return Views(np.concatenate([p[0] for p in parts]), np.concatenate(images), np.concatenate(views),
+                 stats | {"augment": recipe.augment, "aug_views": recipe.aug_views})
 
 
 def head_fitter(cfg: TrainConfig, ds: Dataset, views: Views, kind: str, by_origin: bool,

@@ -72,6 +72,8 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("no augmentation, origin weights", aug_views=0),
     Recipe("no augmentation, origin weights, CLAHE", aug_views=0, intensity="clahe"),
     Recipe("no augmentation, origin weights, lung crop", aug_views=0, lung_crop=True, crop_fraction=0.0),
+    Recipe("geometric augmentation, origin weights", augment="geometric"),
+    Recipe("geometric + processing augmentation, origin weights", augment="geometric+processing"),
 )
 DEFAULT = RECIPES[2]
 
