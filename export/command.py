@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from . import MAX_ACCURACY_DROP_POINTS, MIN_AGREEMENT
+
 if TYPE_CHECKING:
     from .run import Exported
 
@@ -41,6 +43,10 @@ def export(
     n_boot: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the 95 % CIs.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed for image selection and bootstrap.")] = 0,
     ignore_gate: Annotated[bool, typer.Option("--ignore-gate", help="Write variants that fail the gate, marked forced.")] = False,
+    min_agreement: Annotated[float, typer.Option(min=0.0, max=1.0, help="Gate: least argmax agreement of a "
+                                                 "variant with FP32, on each of val and test.")] = MIN_AGREEMENT,
+    max_drop: Annotated[float, typer.Option(min=0.0, help="Gate: largest accuracy drop against FP32, "
+                                            "percentage points.")] = MAX_ACCURACY_DROP_POINTS,
     force: Annotated[bool, typer.Option("--force", help="Overwrite existing ONNX files, the shipped model and "
                                         "the model card's generated section.")] = False,
     ship: Annotated[bool, typer.Option("--ship", help="Copy the INT8 model into the package "
@@ -74,7 +80,8 @@ def export(
     out = out or Path("runs") / f"export-{time.strftime('%Y%m%d-%H%M%S')}"
     opts = ExportOptions(model=model, out=out, variants=wanted, calibration=calibration, calib_images=calib_images,
                          data=data, record=record, split=split, check_images=check_images, n_boot=n_boot,
-                         seed=seed, ignore_gate=ignore_gate, force=force)
+                         seed=seed, ignore_gate=ignore_gate, min_agreement=min_agreement,
+                         max_drop=max_drop, force=force)
     try:
         written = export_variants(opts)
     except ExportRefused as e:

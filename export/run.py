@@ -17,6 +17,7 @@ import numpy as np
 
 from xray_edge.contract import VARIANTS, ModelContractError, ModelRecord, attach_record
 
+from . import MAX_ACCURACY_DROP_POINTS, MIN_AGREEMENT
 from .data import ExportDataError, Images, SplitManifest, data_root, generated_images, load_images, stratified_sample
 from .gate import describe, gate, reports, runtime_outputs
 
@@ -39,6 +40,8 @@ class ExportOptions:
     n_boot: int = 200
     seed: int = 0
     ignore_gate: bool = False
+    min_agreement: float = MIN_AGREEMENT
+    max_drop: float = MAX_ACCURACY_DROP_POINTS
     force: bool = False  # overwrite files already in ``out``
 
 
@@ -136,7 +139,7 @@ def measure(variant: str, proto: Any, path: Path, inputs: Inputs, opts: ExportOp
     if check is not None:
         figures = check
     else:
-        figures = {split: gate(reference[split], probs[split], y[split], split) for split in ("val", "test")}
+        figures = {split: gate(reference[split], probs[split], y[split], split, opts.min_agreement, opts.max_drop) for split in ("val", "test")}
         figures["passed"] = all(f["passed"] for f in figures.values())
         for split in ("val", "test"):
             print(describe(variant, figures[split]), file=sys.stderr)

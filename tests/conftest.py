@@ -13,6 +13,7 @@ from tiny_data import make_roots  # noqa: E402
 TRAIN_SIZE = 64  # block5_conv4 is 4x4 at 64 px: enough to tell which quadrant a heatmap points at
 TRAIN_ARGS = ["--arch", "vgg-tiny", "--weights", "none", "--size", str(TRAIN_SIZE), "--epochs", "15", "--lr", "1e-2", "--n-boot", "20",
               "--child-origins", "kids", "--aug-views", "1", "--gate-quantile", "0.95"]
+TINY_MIN_AGREEMENT = 0.7
 
 
 @pytest.fixture(scope="session")
@@ -50,8 +51,11 @@ def exported(trained, roots, tmp_path_factory):
     shipped = tmp_path_factory.mktemp("shipped") / "xray-edge-vgg19-int8.onnx"
     card = tmp_path_factory.mktemp("card") / "CARD.md"
     card.write_text(f"# Card\n\nprose\n\n{BEGIN}\nnot generated yet\n{END}\nafter\n")
+    # The tiny model on 7 val images: one INT8 flip is 14 % agreement, and which image flips depends on
+    # the CPU's int8 kernels, so its gate is looser than the default (the limits are recorded and checked).
     args = ["export", str(trained / "model.keras"), "--out", str(out), "--data", str(roots[0].parent), "--n-boot", "20",
-            "--calib-images", "12", "--check-images", "8", "--ship", "--model-card", str(card), "--force"]
+            "--calib-images", "12", "--check-images", "8", "--ship", "--model-card", str(card), "--force",
+            "--min-agreement", str(TINY_MIN_AGREEMENT), "--max-drop", "30"]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(command, "shipped_path", lambda: shipped)
         result = CliRunner().invoke(app, args)

@@ -19,6 +19,7 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 from typer.testing import CliRunner  # noqa: E402
 
+from conftest import TINY_MIN_AGREEMENT  # noqa: E402
 from tiny_data import CLASSES  # noqa: E402
 from xray_edge.cli import app  # noqa: E402
 from xray_edge.contract import ModelRecord, record_from_metadata  # noqa: E402
@@ -103,6 +104,8 @@ def test_every_variant_carries_a_sealed_record(trained, exported):
         assert rec.seen_age_groups == training.seen_age_groups and rec.abstain_margin == training.abstain_margin
         assert rec.metrics["val"]["n"] > 0 and rec.metrics["test"]["n"] > 0
         assert rec.metrics["cross_origin"] == training.metrics["cross_origin"]
+        if name != "fp32":  # the gate's limits travel with the figures they were applied to
+            assert rec.metrics["gate"]["val"]["min_agreement"] == TINY_MIN_AGREEMENT
         assert rec.metrics["gate"]["passed"]
         assert rec.gate.quantile == training.gate.quantile and rec.gate.threshold > 0
     int8 = read_onnx_record(variant(exported, "int8"))
