@@ -40,6 +40,8 @@ def export(
     split: Annotated[Optional[Path], typer.Option(help="Split manifest. [default: split.csv next to MODEL]",
                                                   show_default=False)] = None,
     check_images: Annotated[int, typer.Option(min=1, help="Validation images for the Keras/ONNX check.")] = 32,
+    gate_images: Annotated[int, typer.Option(min=0, help="Validation and test images (each, stratified, seeded) "
+                                             "that the gates and metrics use; 0: all of them.")] = 0,
     n_boot: Annotated[int, typer.Option(min=0, help="Bootstrap resamples for the 95 % CIs.")] = 200,
     seed: Annotated[int, typer.Option(help="Seed for image selection and bootstrap.")] = 0,
     ignore_gate: Annotated[bool, typer.Option("--ignore-gate", help="Write variants that fail the gate, marked forced.")] = False,
@@ -79,7 +81,8 @@ def export(
         _fail(2, f"--model-card would rewrite the generated section of {model_card}; add --force to do so")
     out = out or Path("runs") / f"export-{time.strftime('%Y%m%d-%H%M%S')}"
     opts = ExportOptions(model=model, out=out, variants=wanted, calibration=calibration, calib_images=calib_images,
-                         data=data, record=record, split=split, check_images=check_images, n_boot=n_boot,
+                         data=data, record=record, split=split, check_images=check_images,
+                         gate_images=gate_images, n_boot=n_boot,
                          seed=seed, ignore_gate=ignore_gate, min_agreement=min_agreement,
                          max_drop=max_drop, force=force)
     try:

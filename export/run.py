@@ -11,7 +11,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -37,6 +37,7 @@ class ExportOptions:
     record: Path | None = None  # default: record.json next to the model
     split: Path | None = None  # default: split.csv next to the model
     check_images: int = 32
+    gate_images: int = 0  # per split, stratified and seeded; 0: every validation and test image
     n_boot: int = 200
     seed: int = 0
     ignore_gate: bool = False
@@ -77,6 +78,11 @@ def target_path(opts: ExportOptions, record: ModelRecord, variant: str) -> Path:
     return opts.out / f"{record.model_name}-{variant}.onnx"
 
 
+def gate_items(items: Sequence[tuple[str, int]], opts: ExportOptions) -> list[tuple[str, int]]:
+    """The images of one split that the gate and the metrics use: all, or a stratified sample."""
+    return stratified_sample(items, opts.gate_images, opts.seed) if opts.gate_images else list(items)
+
+
 def read_inputs(opts: ExportOptions, size: int) -> Inputs:
     """The training record (with the source model's sha256), the split's images and the images the
     FP32 conversion is checked on."""
@@ -102,7 +108,7 @@ def read_inputs(opts: ExportOptions, size: int) -> Inputs:
                               "(not the split this model was trained on)")
     record.data_manifest_sha256 = manifest_sha
     manifest = SplitManifest(split_csv, record.classes, data_root(opts.data))
-    sets = {s: load_images(manifest, manifest.items(s), record.preprocessing, s) for s in ("val", "test")}
+    sets = {s: load_images(manifest, gate_items(manifest.items(s), opts), record.preprocessing, s) for s in ("val", "test")}
     calibration = None
     if "int8" in opts.variants:
         picked = stratified_sample(manifest.items("train"), opts.calib_images, opts.seed)

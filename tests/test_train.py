@@ -279,7 +279,9 @@ def test_end_to_end_outputs(trained, roots):
     assert looo["mean_macro_f1"] == pytest.approx(np.mean([f["macro_f1_present"] for f in looo["origins"].values()]))
     assert set(m["heads"]) == {"flatten"} and m["selected_head"] == "flatten"
     assert m["onnx_feature_check"]["passed"] and m["shipped_model_check"]["passed"]
-    assert m["features"]["computed"] == len(rows) + sum(r["split"] == "train" for r in rows)  # 1 aug view
+    views_per_train_image = len(m["features"]["augment"].split("+")) * m["features"]["aug_views"]
+    assert views_per_train_image == 2  # the default: one geometric and one processing view
+    assert m["features"]["computed"] == len(rows) + views_per_train_image * sum(r["split"] == "train" for r in rows)
     assert set(m["normal_probe"]) == {"adults", "kids", "clinic"}
     assert set(m["test_by_age_group"]) == {"adult", "child"}
     with open(trained / f"history_{m['selected_head']}.csv", newline="") as f:

@@ -16,7 +16,7 @@ from xray_edge.train.recipes import CHILD_ORIGINS, DEFAULT, FEATURE_CACHE
 def train(
     data_dirs: Annotated[list[Path], typer.Argument(
         help="Data roots: folders with one sub-folder per class (COVID, NORMAL, VIRAL_PNEUMONIA) or a "
-             "manifest.csv listing the images.", show_default=False)],
+             "manifest.csv listing the images.", metavar="DATA_DIR", show_default=False)],
     out: Annotated[Optional[Path], typer.Option(
         help="Output folder (model.keras, record.json, split.csv, metrics.json, plots). "
              "[default: a new folder runs/train-<date>-<time>]", show_default=False)] = None,
