@@ -313,11 +313,12 @@ def end_to_end(s: Settings, rows: list[dict[str, Any]], path: Path | None, image
 
         ood = write_sets(work / "ood")
     log(f"[e2e] classify pipeline vs inference alone with {s.e2e_format}" + (", heatmap cost, input gate" if ood else ""))
-    job = {"mode": "e2e", "path": str(path), "threads": s.threads, "sets": sets, "ood": ood, "cold_start": s.cold_start}
+    job = {"mode": "e2e", "path": str(path), "threads": s.threads, "sets": sets, "ood": ood, "cold_start": s.cold_start,
+           "rounds": s.e2e_rounds}
     result = child(job, work, s.threads, s.timeout)
     if "error" in result:
         return {"format": s.e2e_format, "error": result["error"]}
-    return {"format": s.e2e_format, "threads": s.threads,
+    return {"format": s.e2e_format, "threads": s.threads, "rounds": s.e2e_rounds,
             "sets": {name: {"description": described[name], **result["sets"][name]} for name in sets},
             "heatmaps": result["heatmaps"], "gate": result["gate"], "cold_start": result.get("cold_start")}
 

@@ -75,6 +75,8 @@ def benchmark(
              "(default: 6)")] = None,
     fullsize_px: Annotated[Optional[int], typer.Option(
         help="Their width and height. (default: 2500 for PNG, 3000 for the others)")] = None,
+    e2e_rounds: Annotated[Optional[int], typer.Option(
+        help="Interleaved rounds of inference alone and the pipeline per set; medians reported. (default: 1)")] = None,
     gate_sets: Annotated[Optional[bool], typer.Option(
         "--gate-sets/--no-gate-sets", help="Run the input gate on photos, CT/MR slices and generated images. "
                                            "[default: gate-sets]")] = None,
@@ -100,7 +102,8 @@ def benchmark(
                  formats=formats, build=build, build_dir=build_dir, calibration=calibration,
                  calibration_images=calibration_images, threads=threads, warmup=warmup, runs=runs,
                  seconds=seconds, timeout=timeout, n_boot=n_boot, e2e_format=e2e_format, e2e_images=e2e_images,
-                 fullsize=fullsize, fullsize_px=fullsize_px, gate_sets=gate_sets, peak=peak, cold_start=cold_start,
+                 fullsize=fullsize, fullsize_px=fullsize_px, e2e_rounds=e2e_rounds, gate_sets=gate_sets, peak=peak,
+                 cold_start=cold_start,
                  out=out)
     command = _command({"config": config, **given, "force": force or None})
     try:

@@ -51,6 +51,7 @@ class Settings:
     e2e_images: int = 64  # real images through the classify pipeline
     fullsize: int = 6  # generated full-size images per format in FULLSIZE (0: none)
     fullsize_px: int = 0  # 0: each format's size in FULLSIZE
+    e2e_rounds: int = 1  # interleaved rounds of inference alone and the pipeline per set; medians reported
     gate_sets: bool = True  # the input gate on out-of-distribution images (photos, CT/MR, blank, text)
     peak: bool = True  # the int8 peak micro-benchmark
     cold_start: int = 7  # rounds of the cold-start measurement (0: none)
@@ -126,6 +127,6 @@ def settings(config: Path | None, options: dict[str, Any]) -> Settings:
     for key in ("limit", "warmup", "calibration_images", "e2e_images", "fullsize", "fullsize_px", "n_boot", "cold_start"):
         if getattr(s, key) < 0:
             raise ConfigError(f"{key} must be >= 0")
-    if s.threads < 1 or s.runs < 1:
-        raise ConfigError("threads and runs must be >= 1")
+    if s.threads < 1 or s.runs < 1 or s.e2e_rounds < 1:
+        raise ConfigError("threads, runs and e2e_rounds must be >= 1")
     return s

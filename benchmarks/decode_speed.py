@@ -1,6 +1,6 @@
 """Decode + preprocess speed on full-size clinical-like files: the full-resolution decode against
-the runtime's path (pipeline.prepare: reduced-resolution JPEG and JPEG 2000, integer crop before
-float), with the difference between the model inputs they give. Needs no model.
+the runtime's path (pipeline.prepare: reduced-resolution JPEG and JPEG 2000, block-averaged
+uncompressed DICOM, integer crop before float), with the difference between the model inputs they give. Needs no model.
 
     python -m xray_edge.benchmarks.decode_speed --data ../shared/data/cxr3 --n 6
 
@@ -22,6 +22,7 @@ from statistics import median
 import cv2
 import numpy as np
 
+from xray_edge.benchmarks.e2e import write_dicom
 from xray_edge.contract import Preprocessing
 from xray_edge.decode import read_grey, read_image
 from xray_edge.pipeline import prepare
@@ -39,26 +40,6 @@ def real_images(folder: Path, n: int) -> list[np.ndarray]:
 def upscale(img: np.ndarray, px: int, rng: np.random.Generator) -> np.ndarray:
     big = cv2.resize(img, (px, px), interpolation=cv2.INTER_CUBIC)
     return np.clip(big + rng.normal(0.0, 0.005, big.shape).astype(np.float32), 0.0, 1.0)
-
-
-def write_dicom(path: Path, stored: np.ndarray, frame: bytes | None = None) -> None:
-    """A 12-bit MONOCHROME2 DICOM of ``stored``: native, or the JPEG 2000 lossless ``frame``."""
-    from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.encaps import encapsulate
-    from pydicom.uid import DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
-
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless if frame else ExplicitVRLittleEndian
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.Modality, (ds.Rows, ds.Columns) = "DX", stored.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
-    ds.PixelData = encapsulate([frame]) if frame else stored.tobytes()
-    if frame:
-        ds["PixelData"].VR = "OB"
-    ds.save_as(path, enforce_file_format=True)
 
 
 def make_files(images: list[np.ndarray], out: Path, seed: int = 0) -> dict[str, list[Path]]:
@@ -82,8 +63,7 @@ def make_files(images: list[np.ndarray], out: Path, seed: int = 0) -> dict[str, 
         write_dicom(out / f"{i}.dcm", stored)
         files["DICOM 12-bit 3000x3000"].append(out / f"{i}.dcm")
         if imagecodecs:
-            frame = imagecodecs.jpeg2k_encode(stored, level=0, codecformat="J2K", reversible=True, bitspersample=12)
-            write_dicom(out / f"{i}-j2k.dcm", stored, bytes(frame))
+            write_dicom(out / f"{i}-j2k.dcm", stored, j2k=True)
             files["DICOM JPEG 2000 lossless 12-bit 3000x3000"].append(out / f"{i}-j2k.dcm")
         jpg = out / f"{i}.jpg"
         cv2.imwrite(str(jpg), np.round(big * 255).astype(np.uint8), [cv2.IMWRITE_JPEG_QUALITY, 90])

@@ -116,7 +116,9 @@ def _e2e_markdown(e2e: dict[str, Any] | None) -> list[str]:
         return [f"Not measured: {e2e.get('skipped') or e2e.get('error')}"]
     lines = [f"`xray-edge classify`'s pipeline (decode + preprocess in a prefetching thread pool, batches of 8) "
              f"against inference alone on the already-preprocessed images, with {e2e['format']}, "
-             f"{e2e['threads']} threads. Bound: the rate the cores allow, 1 / (decode s / cores + inference s).", "",
+             f"{e2e['threads']} threads; medians of {e2e.get('rounds', 1)} interleaved round(s) of the two. "
+             "Bound: the rate the cores allow, 1 / (decode s / cores + inference s); shares just above 100 % are "
+             "timing noise (the decode time is a median measured alone, one file at a time).", "",
              "| set | file MiB | decode + preprocess ms/img (1 thread) | inference alone img/s | end to end img/s | "
              "bound img/s | share of bound | share of model rate | decode workers |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -133,9 +135,10 @@ def _e2e_markdown(e2e: dict[str, Any] | None) -> list[str]:
     cold = e2e.get("cold_start")
     if cold:
         t = cold["seconds"]
-        lines += ["", f"Cold start (a fresh process to the result, median of {cold['rounds']}): `xray-edge classify` one "
-                      f"image {t['classify']:.2f} s, a bare onnxruntime + OpenCV script on the same image and model "
-                      f"{t['bare_script']:.2f} s ({cold['classify_over_bare']:.2f}x); `xray-edge --help` {t['help']:.2f} s."]
+        how = "the shipped model, as installed" if cold.get("shipped_model") else "--model"
+        lines += ["", f"Cold start (a fresh process to the result, median of {cold['rounds']}, bytecode cached): "
+                      f"`xray-edge classify` one image ({how}) {t['classify']:.2f} s, a bare onnxruntime + OpenCV "
+                      f"script on the same image and model {t['bare_script']:.2f} s ({cold['classify_over_bare']:.2f}x); `xray-edge --help` {t['help']:.2f} s."]
     gate = e2e.get("gate")
     if gate:
         lines += ["", "### Input gate on images the model was not built for", "",

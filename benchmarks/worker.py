@@ -139,7 +139,8 @@ def e2e(job: dict[str, Any]) -> dict[str, Any]:
     from xray_edge.benchmarks.e2e import run
 
     progress("end to end: " + ", ".join(f"{name} ({len(paths)} files)" for name, paths in job["sets"].items()))
-    return run(Path(job["path"]), job["threads"], job["sets"], job.get("workers"), job.get("ood"), job.get("cold_start", 0))
+    return run(Path(job["path"]), job["threads"], job["sets"], job.get("workers"), job.get("ood"),
+               job.get("cold_start", 0), job.get("rounds", 1))
 
 
 def peak(job: dict[str, Any]) -> dict[str, Any]:

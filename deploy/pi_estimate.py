@@ -26,12 +26,15 @@ from typing import Any
 
 import numpy as np
 
-# int8 MACs per cycle per core: NEON widening multiply-accumulate (no dot product) vs sdot/udot,
-# each 128-bit pipe; the A72 and A76 both have two 128-bit SIMD pipes.
+# int8 MACs per cycle per core (docs/raspberry-pi.md): without dot product, widening multiply-
+# accumulate (8 lanes) on the one SIMD pipe that multiplies integers: 8; with sdot/udot (16 MACs
+# each) on the A76's two 128-bit pipes: 32. single_core_vs_here (assumed, not measured): one
+# board core's speed on scalar and memory-bound work (pooling, quantize/dequantize, the heads,
+# decoding) against one core of the reference machine.
 BOARDS = {
-    "Pi 4 (Cortex-A72, 1.5 GHz)": {"cores": 4, "ghz": 1.5, "int8_mac_per_cycle": 16, "dotprod": False,
+    "Pi 4 (Cortex-A72, 1.5 GHz)": {"cores": 4, "ghz": 1.5, "int8_mac_per_cycle": 8, "dotprod": False,
                                    "single_core_vs_here": 0.25},
-    "Pi 5 (Cortex-A76, 2.4 GHz)": {"cores": 4, "ghz": 2.4, "int8_mac_per_cycle": 16, "dotprod_mac_per_cycle": 64,
+    "Pi 5 (Cortex-A76, 2.4 GHz)": {"cores": 4, "ghz": 2.4, "int8_mac_per_cycle": 8, "dotprod_mac_per_cycle": 32,
                                    "dotprod": True, "single_core_vs_here": 0.55},
 }
 DOTPROD_MIN_INPUT_CHANNELS = 64

@@ -406,7 +406,7 @@ def attach_record(onnx_model: Any, record: ModelRecord) -> ModelRecord:
     return sealed
 
 
-def check_seal(record: ModelRecord, graph_bytes: bytes | None, source: str) -> None:
+def check_seal(record: ModelRecord, graph_bytes: bytes | memoryview | None, source: str) -> None:
     """Refuse a record whose own digest, or the digest of the graph it came with, does not match
     (an edited record or a graph swapped under it)."""
     if not record.record_sha256 or record.content_sha256() != record.record_sha256:
@@ -415,9 +415,10 @@ def check_seal(record: ModelRecord, graph_bytes: bytes | None, source: str) -> N
         raise ModelContractError(f"{source}: the model graph does not match its record (graph sha256 differs)")
 
 
-def onnx_graph_bytes(data: bytes) -> bytes | None:
-    """The serialized ``graph`` field (number 7) of an ONNX ModelProto, read from the protobuf wire
-    format without the ``onnx`` package; None if the bytes are not such a message."""
+def onnx_graph_bytes(data: bytes) -> memoryview | None:
+    """The serialized ``graph`` field (number 7) of an ONNX ModelProto (a view of ``data``), read
+    from the protobuf wire format without the ``onnx`` package; None if the bytes are not such a
+    message."""
     pos, n, graph = 0, len(data), None
     try:
         while pos < n:
@@ -432,7 +433,7 @@ def onnx_graph_bytes(data: bytes) -> bytes | None:
             elif wire == 2:
                 length, pos = _varint(data, pos)
                 if number == 7:
-                    graph = data[pos:pos + length]
+                    graph = memoryview(data)[pos:pos + length]
                 pos += length
             else:
                 return None

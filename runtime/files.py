@@ -79,8 +79,12 @@ def _open_regular(path: str | os.PathLike, follow_symlinks: bool) -> Iterator[tu
 
 
 def _read(fd: int, size: int) -> bytes:
-    """Up to ``size`` bytes from ``fd`` (fewer if the file shrank meanwhile)."""
-    chunks, left = [], size
+    """Up to ``size`` bytes from ``fd`` (fewer if the file shrank meanwhile); one read, without a
+    copy, when the whole file comes at once."""
+    first = os.read(fd, size) if size else b""
+    if len(first) == size or not first:
+        return first
+    chunks, left = [first], size - len(first)
     while left > 0:
         chunk = os.read(fd, min(left, 1 << 24))
         if not chunk:

@@ -104,7 +104,8 @@ def test_signed_windowed_monochrome1_jpeg2000_dicom(tmp_path):
 
 @pytest.mark.parametrize("resolutions, scale", [(2, 2), (1, None)])
 def test_jpeg2000_reduces_only_as_far_as_its_levels(tmp_path, resolutions, scale):
-    """One wavelet level allows halving once; none, no reduction (then pydicom decodes)."""
+    """One wavelet level allows halving once; none, no reduced decoding (pydicom decodes it in
+    full, and its stored values are then block-averaged like uncompressed DICOM)."""
     import imagecodecs
 
     stored = as_uint16(big_xray(2200, 2144, seed=6)) >> 4
@@ -113,11 +114,31 @@ def test_jpeg2000_reduces_only_as_far_as_its_levels(tmp_path, resolutions, scale
     path = write_dicom(tmp_path / "levels.dcm", stored, bits=12, transfer_syntax=JPEG2000Lossless,
                        frame_data=bytes(frame))
     assert j2k.read_header(bytes(frame)).levels == resolutions - 1
-    if scale:
-        assert_close_to_full(path, scale)
-    else:
-        assert read_grey(path, min_side=MIN_SIDE)[1] is None
-        np.testing.assert_array_equal(prepare(path, SPEC).image, preprocess(read_image(path), SPEC))
+    assert_close_to_full(path, scale or 4)
+    if not scale:
+        assert read_grey(path, min_side=MIN_SIDE)[0].dtype == np.float32  # averaged, then windowed in float
+
+
+def signal_dicom(path, **kwargs):
+    """A 2200 x 2144 uncompressed 12-bit DICOM of a full-size X-ray-like image."""
+    return write_dicom(path, as_uint16(big_xray(2200, 2144, seed=8)) >> 4, bits=12, **kwargs)
+
+
+def test_large_uncompressed_dicom_is_block_averaged_within_tolerance(tmp_path):
+    assert_close_to_full(signal_dicom(tmp_path / "plain.dcm"), 4)
+    assert_close_to_full(signal_dicom(tmp_path / "mono1.dcm", photometric="MONOCHROME1", slope=2.0,
+                                      intercept=-100.0, window=(4000.0, 8400.0)), 4)
+
+
+@pytest.mark.parametrize("window", [(2000.0, 1000.0), "sigmoid"])
+def test_dicom_is_decoded_in_full_where_averaging_first_would_change_it(tmp_path, window):
+    """A window that clips (clip, then average is not average, then clip) and a SIGMOID window
+    (not affine): full decoding, exactly."""
+    sigmoid = window == "sigmoid"
+    path = signal_dicom(tmp_path / "win.dcm", window=(2000.0, 8000.0) if sigmoid else window,
+                        voi_function="SIGMOID" if sigmoid else None)
+    assert read_grey(path, min_side=MIN_SIDE)[1] is None
+    np.testing.assert_array_equal(prepare(path, SPEC).image, preprocess(read_image(path), SPEC))
 
 
 def test_pillow_reduction_sizes():
