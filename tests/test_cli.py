@@ -36,3 +36,18 @@ def test_the_command_line_imports_no_model_code():
             "'tensorflow', 'onnx', 'sklearn', 'rich'}))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_console_entry_builds_only_the_command_it_runs():
+    """``xray-edge classify ...`` imports neither training, export nor benchmark code (cold
+    start); ``xray-edge --help`` still lists every command."""
+    code = ("import sys; from xray_edge import cli; sys.argv = ['xray-edge'] + sys.argv[1:]\n"
+            "try:\n    cli.main()\nexcept SystemExit:\n    pass\n"
+            "print(sorted(m for m in sys.modules if m.startswith(('xray_edge.train', 'xray_edge.export', "
+            "'xray_edge.benchmarks'))))")
+    run = lambda *args: subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True,  # noqa: E731
+                                       check=True).stdout
+    out = run("classify", "--help")
+    assert "Usage: xray-edge classify" in out and out.strip().endswith("[]")
+    listing = run("--help")
+    assert all(name in listing for name in ("classify", "train", "export", "benchmark"))
