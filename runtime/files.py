@@ -79,14 +79,12 @@ def _open_regular(path: str | os.PathLike, follow_symlinks: bool) -> Iterator[tu
 
 
 def _read(fd: int, size: int) -> bytes:
-    """Up to ``size`` bytes from ``fd`` (fewer if the file shrank meanwhile); one read, without a
-    copy, when the whole file comes at once."""
-    first = os.read(fd, size) if size else b""
-    if len(first) == size or not first:
-        return first
-    chunks, left = [first], size - len(first)
+    """Up to ``size`` bytes from ``fd`` (fewer if the file shrank meanwhile). Each read asks for
+    all that is left, so a file that comes at once is one read and no copy (``join`` returns a
+    lone chunk as it is)."""
+    chunks, left = [], size
     while left > 0:
-        chunk = os.read(fd, min(left, 1 << 24))
+        chunk = os.read(fd, left)
         if not chunk:
             break
         chunks.append(chunk)
