@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
 
@@ -67,6 +68,9 @@ def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
+LUNG_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}\.onnx")  # a file in xray_edge.models, never a path
+
+
 def _text(value: Any, name: str, allowed: tuple[str, ...] | None = None) -> list[str]:
     if not isinstance(value, str) or not value:
         return [f"{name} {value!r} must be a non-empty string"]
@@ -79,8 +83,8 @@ def _text(value: Any, name: str, allowed: tuple[str, ...] | None = None) -> list
 class LungCrop:
     """Crop to the lung fields found by a small segmentation model before the rest of the recipe.
 
-    ``model`` names an ONNX file shipped in ``xray_edge.models`` (checked against ``sha256``); it
-    maps (N, size, size, 1) grey in [0, 1] to lung probabilities of the same shape. The crop is the
+    ``model`` names an ONNX file shipped in ``xray_edge.models`` (a bare file name, checked against
+    ``sha256``); it maps (N, size, size, 1) grey in [0, 1] to lung probabilities of the same shape. The crop is the
     bounding box of the two largest regions with probability >= ``threshold``, made symmetric about
     the vertical midline and widened by ``margin`` of its size on every side; where the mask covers
     less than ``min_area`` of the image (no lungs found) the whole image is used."""
@@ -94,8 +98,11 @@ class LungCrop:
 
     def problems(self) -> list[str]:
         out = _text(self.model, "lung_crop.model")
-        if not isinstance(self.sha256, str) or len(self.sha256) != 64:
-            out.append("lung_crop.sha256 must be a 64-character hex digest")
+        if not out and not LUNG_MODEL_NAME.fullmatch(self.model):
+            out.append(f"lung_crop.model {self.model[:80]!r} must be a file name ending .onnx (letters, digits, "
+                       "'.', '_', '-'; no folders)")
+        if not isinstance(self.sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
+            out.append("lung_crop.sha256 must be a 64-character lower-case hex digest")
         if not isinstance(self.size, int) or isinstance(self.size, bool) or not 16 <= self.size <= 1024:
             out.append(f"lung_crop.size {self.size!r} must be an integer in [16, 1024]")
         return (out + _number(self.threshold, "lung_crop.threshold", 0, 1, low_open=True)

@@ -57,25 +57,33 @@ def model_path(spec: LungCrop) -> Path:
 
 
 @functools.lru_cache(maxsize=4)
-def _session(path: str, sha256: str):
+def _session(path: str, sha256: str, size: int):
     import onnxruntime as ort
 
-    try:
-        data = Path(path).read_bytes()
-    except OSError as e:
-        raise ModelContractError(f"{path}: the recipe's lung model cannot be read ({e.strerror or e})") from None
+    from .session import read_model_file
+
+    data = read_model_file(Path(path), "the recipe's lung model")
     if hashlib.sha256(data).hexdigest() != sha256:
         raise ModelContractError(f"{path}: the lung model's sha256 is not the one the classifier's record names")
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # runs inside the decode workers, beside the classifier's threads
     options.log_severity_level = 3
-    return ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime's own error types
+        raise ModelContractError(f"{path}: the recipe's lung model cannot be loaded ({type(e).__name__})") from None
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if (LUNG_RECORD_KEY not in session.get_modelmeta().custom_metadata_map or len(inputs) != 1 or len(outputs) != 1
+            or list(inputs[0].shape[1:]) != [size, size, 1]):
+        raise ModelContractError(f"{path}: not a lung model of size {size} (no {LUNG_RECORD_KEY} record, or another "
+                                 "input shape)")
+    return session
 
 
-def lung_finder(spec: LungCrop, path: Path | None = None) -> LungBox:
-    """The function grey image -> lung box (or None) of the recipe's lung model (default: the one
-    shipped in xray_edge.models); ModelContractError if it is missing or not the pinned file."""
-    session = _session(str(path or model_path(spec)), spec.sha256)
+def lung_finder(spec: LungCrop) -> LungBox:
+    """The function grey image -> lung box (or None) of the recipe's lung model (the one shipped in
+    xray_edge.models); ModelContractError if it is missing or not the pinned file."""
+    session = _session(str(model_path(spec)), spec.sha256, spec.size)
     name = session.get_inputs()[0].name
 
     def find(grey: np.ndarray) -> tuple[int, int, int, int] | None:

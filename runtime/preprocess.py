@@ -14,6 +14,10 @@ from .decode import NoImageContent, Reduction, unit_float
 # still this many times the model's input size, so that the area resize still averages over
 # 2 x 2 or more of its pixels (the tolerance this gives is in decode's docstring).
 REDUCED_DECODE_MARGIN = 2
+# A recipe with a lung crop resizes only the lung box: a reduced decode keeps the margin for boxes
+# down to this share of the image's shorter side (``python -m xray_edge.train.lungs --check``
+# reports how often real boxes are smaller: they are then resized from fewer pixels, not refused).
+LUNG_BOX_MIN_SIDE = 0.5
 
 _INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
 
@@ -54,12 +58,13 @@ def equalise(img: np.ndarray, spec: Preprocessing) -> np.ndarray:
 
 def min_decoded_side(spec: Preprocessing) -> int | None:
     """The shortest side a decoder may reduce an image to for ``spec`` (``min_side`` of
-    decode.read_grey): REDUCED_DECODE_MARGIN times the model's input size after the crop. None
-    (no reduced decoding) unless the resize is an area resize, which can follow a reduction, and
-    the recipe has no lung crop (which finds its box on the whole image)."""
-    if spec.interpolation != "area" or spec.lung_crop is not None:
+    decode.read_grey): REDUCED_DECODE_MARGIN times the model's input size after the crop (after a
+    lung crop, a box of LUNG_BOX_MIN_SIDE of the image). None (no reduced decoding) unless the
+    resize is an area resize, which can follow a reduction."""
+    if spec.interpolation != "area":
         return None
-    return math.ceil(REDUCED_DECODE_MARGIN * spec.size / (1 - 2 * spec.crop_fraction))
+    side = REDUCED_DECODE_MARGIN * spec.size / (1 - 2 * spec.crop_fraction)
+    return math.ceil(side / LUNG_BOX_MIN_SIDE if spec.lung_crop is not None else side)
 
 
 def preprocess(grey: np.ndarray, spec: Preprocessing, reduction: Reduction | None = None,
@@ -79,7 +84,7 @@ def preprocess(grey: np.ndarray, spec: Preprocessing, reduction: Reduction | Non
         box = lung_box(grey)
         if box is not None:
             top, bottom, left, right = box
-            grey = grey[top:bottom, left:right]
+            grey, reduction = grey[top:bottom, left:right], None  # the box is cut on the decoded grid
     if reduction is None:
         img = unit_float(crop_border(grey, spec.crop_fraction))
         img = cv2.resize(img, (spec.size, spec.size), interpolation=_INTERPOLATION[spec.interpolation])

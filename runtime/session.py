@@ -61,19 +61,25 @@ class Prediction:
     cam: np.ndarray | None  # (N, h, w, C) float32 Grad-CAM maps (only when asked for)
 
 
+def read_model_file(path: Path, what: str = "model file") -> bytes:
+    """The bytes of a regular model file of at most MAX_MODEL_BYTES; ModelContractError (one line,
+    naming ``what``) if it is missing, not a regular file, too large or unreadable."""
+    try:
+        return read_regular(path, MAX_MODEL_BYTES)
+    except FileNotFoundError:
+        raise ModelContractError(f"{path}: {what} not found") from None
+    except FileTooLarge as e:
+        raise ModelContractError(f"{path}: {e.size / 2**20:.0f} MiB is too large for an xray-edge model") from None
+    except OSError as e:
+        raise ModelContractError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+
+
 def load_model(path: str | os.PathLike, threads: int = 0, expected_sha256: str | None = None) -> LoadedModel:
     """Open ``path`` on the CPU with ``threads`` intra-op threads (0: onnxruntime's default, one
     per physical core). ``expected_sha256`` pins the file's bytes (the shipped model's is checked
     this way). Raises ModelContractError with a one-line reason if it cannot be used."""
     path = Path(path)
-    try:
-        data = read_regular(path, MAX_MODEL_BYTES)  # hashed, checked and loaded from the same bytes
-    except FileNotFoundError:
-        raise ModelContractError(f"{path}: model file not found") from None
-    except FileTooLarge as e:
-        raise ModelContractError(f"{path}: {e.size / 2**20:.0f} MiB is too large for an xray-edge model") from None
-    except OSError as e:
-        raise ModelContractError(f"{path}: cannot read model file ({e.strerror or e})") from None
+    data = read_model_file(path)  # hashed, checked and loaded from the same bytes
     digest = hashlib.sha256(data).hexdigest()
     if expected_sha256 is not None and digest != expected_sha256:
         raise ModelContractError(f"{path}: sha256 {digest[:12]}... is not the shipped model's "

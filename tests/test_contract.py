@@ -95,8 +95,18 @@ def test_a_recipe_whose_lung_model_is_missing_is_refused_at_load(tmp_path):
     crop = LungCrop(model="no-such-lung-model.onnx", sha256="0" * 64)
     rec = tiny_record(SIZE, preprocessing=Preprocessing(size=SIZE, lung_crop=crop, crop_fraction=0.0))
     path = make_tiny_onnx(tmp_path / "lungs.onnx", size=SIZE, record=rec)
-    with pytest.raises(ModelContractError, match="lung model cannot be read"):
+    with pytest.raises(ModelContractError, match="lung model not found"):
         load_model(path)
+
+
+@pytest.mark.parametrize("name", ["../../../../dev/zero", "/dev/zero", "lungs", "a/b.onnx", ".onnx"])
+def test_a_lung_model_named_by_anything_but_a_plain_file_name_is_refused(name):
+    crop = LungCrop(model="lungs.onnx", sha256="0" * 64)
+    rec = json.loads(tiny_record(SIZE, preprocessing=Preprocessing(size=SIZE, lung_crop=crop, crop_fraction=0.0))
+                     .to_json())
+    rec["preprocessing"]["lung_crop"]["model"] = name  # as a hostile model's metadata could say
+    with pytest.raises(ModelContractError, match="lung_crop.model .* must be a file name ending .onnx"):
+        ModelRecord.from_json(json.dumps(rec))
 
 
 def test_predict_gives_every_output(model_path):

@@ -11,6 +11,7 @@ from images import (as_uint8, as_uint16, with_exif_orientation, write, write_com
 from xray_edge import j2k
 from xray_edge.contract import Preprocessing
 from xray_edge.decode import Reduction, read_grey, read_image
+from xray_edge.lungs import lung_finder
 from xray_edge.pipeline import prepare
 from xray_edge.preprocess import min_decoded_side, preprocess
 
@@ -181,3 +182,24 @@ def test_reduction_geometry_at_scale_one_is_the_area_resize():
 def test_reduced_decoding_needs_twice_the_input_after_the_crop():
     assert MIN_SIDE == 534  # 2 x 224 / 0.84
     assert min_decoded_side(Preprocessing(interpolation="linear")) is None
+
+
+def test_lung_crop_recipe_is_decoded_reduced_within_tolerance(tmp_path):
+    """A lung-crop recipe finds its box on the reduced decode (within a cell of the lung model's
+    128 px grid of the box found in full) and resizes only the box: given the same box, the input
+    is within the tolerance of full decoding."""
+    from xray_edge.train.lungs import installed_spec
+
+    spec = Preprocessing(lung_crop=installed_spec(), crop_fraction=0.0)
+    path = write(tmp_path / "big.jpg", as_uint8(big_xray(2200, 2144)))
+    grey, reduction = read_grey(path, min_side=min_decoded_side(spec))
+    assert reduction.scale == 2 and min(grey.shape) >= min_decoded_side(spec) == 896  # 2 x 224 / 0.5
+    finder, full = lung_finder(spec.lung_crop), read_image(path)
+    reduced_box = finder(grey.astype(np.float32) / 255)
+    full_box = finder(full)
+    assert reduced_box is not None and full_box[1] - full_box[0] < 0.9 * full.shape[0]  # a crop, not the whole
+    cell = max(full.shape) / spec.lung_crop.size
+    assert np.abs(2 * np.array(reduced_box) - full_box).max() <= cell + 2, (reduced_box, full_box)
+    same_box = preprocess(full, spec, lung_box=lambda g: tuple(2 * v for v in reduced_box))
+    diff = np.abs(prepare(path, spec).image - same_box)
+    assert diff.max() <= TOL_MAX and diff.mean() <= TOL_MEAN, (diff.max(), diff.mean())

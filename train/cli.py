@@ -38,6 +38,10 @@ def train(
     intensity: Annotated[str, typer.Option(
         help=f"Intensity normalisation after the percentile stretch: {', '.join(INTENSITY_METHODS)}.")] = DEFAULT.intensity,
     crop_fraction: Annotated[float, typer.Option(help="Border cropped from each side.")] = DEFAULT.crop_fraction,
+    lung_crop: Annotated[bool, typer.Option(
+        "--lung-crop/--no-lung-crop",
+        help="Crop to the lung fields found by the lung model shipped in xray_edge.models (before the border "
+             "crop).")] = DEFAULT.lung_crop,
     augment: Annotated[str, typer.Option(
         help="Augmentation: processing, geometric, or both (geometric+processing: the views of each).")] = DEFAULT.augment,
     aug_views: Annotated[int, typer.Option(min=0, help="Augmented views per training image.")] = DEFAULT.aug_views,
@@ -100,8 +104,8 @@ def train(
 
     from xray_edge.train.pipeline import TrainConfig, run
 
-    recipe = Recipe("command line", intensity=intensity, crop_fraction=crop_fraction, augment=augment,
-                    aug_views=aug_views, origin_weights=origin_weights, head=head_list[0])
+    recipe = Recipe("command line", intensity=intensity, crop_fraction=crop_fraction, lung_crop=lung_crop,
+                    augment=augment, aug_views=aug_views, origin_weights=origin_weights, head=head_list[0])
     cfg = TrainConfig(data_dirs=data_dirs, out=out, weights=weights, arch=arch, classes=class_list,
                       child_origins=tuple(o.strip() for o in child_origins.split(",") if o.strip()), size=size,
                       seed=seed, cache_dir=cache_dir, recipe=recipe, heads=head_list, epochs=epochs,

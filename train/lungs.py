@@ -4,12 +4,15 @@ ONNX (INT8 if it holds) with its own record, and look at where it fails:
     python -m xray_edge.train.lungs ../shared/data/cxr3-extra --out train/lungs \\
         --check ../shared/data/cxr3 ../shared/data/cxr3-extra
 
+(``--check-only``: check the model already in ``--out``, without training.)
+
 Training data: the lung masks that come with the data root (``masks.csv``: mask, image), adult
 normal PA radiographs only. A U-Net (4 levels, 16-128 filters) at 128 x 128, Dice + cross-entropy,
 paired geometric augmentation and the ``processing`` augmentation's imaging steps on the image.
 ``--check`` runs the model on every image of other roots and reports, per origin and class, how
 often it finds two plausible lung fields (children's images and dense consolidation are where
-masks learned on normal adults can fail), with a contact sheet of examples.
+masks learned on normal adults can fail) and how often the crop box is smaller than the reduced
+decoding allows for (``preprocess.LUNG_BOX_MIN_SIDE``), with a contact sheet of examples.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ import numpy as np
 from xray_edge.contract import LungCrop
 from xray_edge.decode import read_image
 from xray_edge.lungs import LUNG_RECORD_KEY, box_of, lung_mask, model_input
+from xray_edge.preprocess import LUNG_BOX_MIN_SIDE
 from xray_edge.train import augment
 
 SIZE = 128
@@ -183,15 +187,16 @@ def installed_spec() -> LungCrop:
 
 
 def check(path: Path, roots: Sequence[Path], out: Path, per_cell: int = 6, seed: int = 0) -> dict[str, Any]:
-    """How often the lung model finds two plausible lung fields, per origin and class, on every
-    image of ``roots``; a contact sheet of random examples (box drawn) per origin and class."""
+    """How often the lung model finds two plausible lung fields, and a box whose shorter side is
+    under LUNG_BOX_MIN_SIDE of the image's, per origin and class, on every image of ``roots``; a
+    contact sheet of random examples (box drawn) per origin and class."""
     import cv2
 
     from xray_edge.lungs import _session
     from xray_edge.train.data import list_images
 
     spec = spec_for(path)
-    session = _session(str(path), spec.sha256)
+    session = _session(str(path), spec.sha256, spec.size)
     images, _ = list_images(roots)
     stats: dict[str, dict[str, list]] = {}
     rng = np.random.default_rng(seed)
@@ -203,9 +208,12 @@ def check(path: Path, roots: Sequence[Path], out: Path, per_cell: int = 6, seed:
         n_regions = cv2.connectedComponents(mask.astype(np.uint8))[0] - 1
         plausible = n_regions == 2 and PLAUSIBLE_AREA[0] <= mask.mean() <= PLAUSIBLE_AREA[1]
         key = f"{im.origin} {im.label}"
-        stats.setdefault(key, {"plausible": [], "area": []})
+        box = box_of(mask, grey.shape, spec)
+        stats.setdefault(key, {"plausible": [], "area": [], "small": []})
         stats[key]["plausible"].append(plausible)
         stats[key]["area"].append(float(mask.mean()))
+        stats[key]["small"].append(box is not None and min((box[1] - box[0]) / grey.shape[0],
+                                                           (box[3] - box[2]) / grey.shape[1]) < LUNG_BOX_MIN_SIDE)
         if rng.random() < 0.05 and len(sheet_rows.setdefault(key, [])) < per_cell:
             tile = cv2.cvtColor(np.round(cv2.resize(grey, (160, 160)) * 255).astype(np.uint8), cv2.COLOR_GRAY2BGR)
             edge = cv2.resize(mask.astype(np.uint8), (160, 160), interpolation=cv2.INTER_NEAREST)
@@ -219,7 +227,8 @@ def check(path: Path, roots: Sequence[Path], out: Path, per_cell: int = 6, seed:
     if rows:
         cv2.imwrite(str(out / "check.png"), np.vstack(rows))
     report = {k: {"n": len(v["plausible"]), "plausible_rate": float(np.mean(v["plausible"])),
-                  "median_area": float(np.median(v["area"]))} for k, v in sorted(stats.items())}
+                  "median_area": float(np.median(v["area"])), "small_box_rate": float(np.mean(v["small"]))}
+              for k, v in sorted(stats.items())}
     (out / "check.json").write_text(json.dumps(report, indent=2))
     return report
 
@@ -231,20 +240,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--check", type=Path, nargs="*", default=[], help="data roots to check the model on")
+    parser.add_argument("--check-only", action="store_true", help="check the model already in --out; no training")
     parser.add_argument("--install", action="store_true",
                         help="copy the model into xray_edge.models, where a lung-crop recipe finds it")
     args = parser.parse_args(argv)
-    figures = train(args.root, args.out, args.seed, args.epochs)
-    print(json.dumps(figures, indent=2))
+    if not args.check_only:
+        print(json.dumps(train(args.root, args.out, args.seed, args.epochs), indent=2))
+    chosen = args.out / json.loads((args.out / "metrics.json").read_text())["file"]  # INT8, or FP32 if INT8 lost Dice
     if args.install:
         import shutil
 
         from xray_edge.lungs import model_path
 
-        shutil.copyfile(args.out / figures["file"], model_path(LungCrop(model=FILE)))
+        shutil.copyfile(chosen, model_path(LungCrop(model=FILE)))
     if args.check:
-        for key, value in check(args.out / figures["file"], args.check, args.out).items():
-            print(f"{key}: {value['plausible_rate']:.1%} plausible of {value['n']}, median area {value['median_area']:.2f}")
+        for key, value in check(chosen, args.check, args.out).items():
+            print(f"{key}: {value['plausible_rate']:.1%} plausible of {value['n']}, median area "
+                  f"{value['median_area']:.2f}, box under {LUNG_BOX_MIN_SIDE:.0%} of the side {value['small_box_rate']:.1%}")
     return 0
 
 

@@ -74,6 +74,8 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("no augmentation, origin weights, lung crop", aug_views=0, lung_crop=True, crop_fraction=0.0),
     Recipe("geometric augmentation, origin weights", augment="geometric"),
     Recipe("geometric + processing augmentation, origin weights", augment="geometric+processing"),
+    Recipe("geometric + processing augmentation, origin weights, lung crop", augment="geometric+processing",
+           lung_crop=True, crop_fraction=0.0),
 )
 DEFAULT = RECIPES[8]  # best mean cross-origin macro-F1 (docs/training.md)
 
