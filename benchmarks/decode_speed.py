@@ -2,7 +2,7 @@
 the runtime's path (pipeline.prepare: reduced-resolution JPEG and JPEG 2000, block-averaged
 uncompressed DICOM, integer crop before float), with the difference between the model inputs they give. Needs no model.
 
-    python -m xray_edge.benchmarks.decode_speed --data ../shared/data/cxr3 --n 6
+    python -m xray_edge.benchmarks.decode_speed --data ../shared/data/cxr3 --n 6 [--lung-crop]
 
 Files are made from real images (bicubic upscale + Gaussian noise, sd 0.5 % of full scale, so
 they do not compress unrealistically well): 2500x2500 16-bit PNG, 3000x3000 uncompressed 12-bit
@@ -25,8 +25,10 @@ import numpy as np
 from xray_edge.benchmarks.e2e import write_dicom
 from xray_edge.contract import Preprocessing
 from xray_edge.decode import read_grey, read_image
+from xray_edge.lungs import lung_finder
 from xray_edge.pipeline import prepare
 from xray_edge.preprocess import min_decoded_side, preprocess
+from xray_edge.train.lungs import installed_spec
 
 
 def real_images(folder: Path, n: int) -> list[np.ndarray]:
@@ -73,12 +75,14 @@ def make_files(images: list[np.ndarray], out: Path, seed: int = 0) -> dict[str, 
 
 def measure(paths: list[Path], spec: Preprocessing, rounds: int) -> dict[str, object]:
     """Median ms per image of the full decode and of the runtime's path (interleaved), and the
-    largest per-image max and mean absolute difference between their model inputs."""
+    largest per-image max and mean absolute difference between their model inputs (with a lung
+    crop, each path finds its own box)."""
     full_ms, new_ms, max_abs, mean_abs = [], [], 0.0, 0.0
+    lung_box = lung_finder(spec.lung_crop) if spec.lung_crop else None
     for _ in range(rounds):
         for path in paths:
             start = time.perf_counter()
-            full = preprocess(read_image(path), spec)
+            full = preprocess(read_image(path), spec, lung_box=lung_box)
             full_ms.append((time.perf_counter() - start) * 1000)
             start = time.perf_counter()
             new = prepare(path, spec).image
@@ -95,9 +99,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, required=True, help="folder of real PNG/JPEG images")
     parser.add_argument("--n", type=int, default=6, help="images per format")
     parser.add_argument("--rounds", type=int, default=3, help="timed passes over the files")
+    parser.add_argument("--lung-crop", action="store_true",
+                        help="the lung-crop recipe (the lung model shipped in xray_edge.models, no border crop)")
     args = parser.parse_args(argv)
     cv2.setNumThreads(1)  # one thread, as in one decoding worker
-    spec = Preprocessing()
+    spec = Preprocessing(crop_fraction=0.0, lung_crop=installed_spec()) if args.lung_crop else Preprocessing()
     print(f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} cores; making files ...", flush=True)
     with tempfile.TemporaryDirectory(prefix="xray-edge-decode-") as tmp:
         files = make_files(real_images(args.data, args.n), Path(tmp))

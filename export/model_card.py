@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from xray_edge.contract import VARIANTS, ModelContractError, ModelRecord, record_from_metadata
+from xray_edge.contract import VARIANTS, ModelContractError, ModelRecord, Preprocessing, record_from_metadata
 
 from .command import shipped_path
 from .data import sha256_file
@@ -71,6 +71,23 @@ def _cross_origin(cross: dict[str, Any] | None) -> list[str]:
             f"| **mean** | | **{cross['mean_macro_f1']:.3f}** |"]
 
 
+def describe_preprocessing(p: Preprocessing) -> str:
+    """One line of the record's preprocessing recipe, in the order it is applied."""
+    crop = p.lung_crop
+    steps = ["decode to grey [0, 1]"]
+    if crop is not None:
+        steps.append(f"lung crop (lung model `{crop.model}`, sha256 `{crop.sha256}`, {crop.size} px input, threshold "
+                     f"{crop.threshold:g}, box margin {crop.margin:.0%}; whole image where the lungs cover under "
+                     f"{crop.min_area:.0%})")
+    if p.crop_fraction:
+        steps.append(f"border crop {p.crop_fraction:.0%} per side")
+    steps += [f"{p.interpolation} resize to {p.size} x {p.size}",
+              f"percentile stretch {p.low_percentile:g}-{p.high_percentile:g}"]
+    if p.intensity == "clahe":
+        steps.append(f"CLAHE (clip {p.clahe_clip:g}, {p.clahe_tiles} x {p.clahe_tiles} tiles)")
+    return " -> ".join(steps)
+
+
 def render(models: Sequence[tuple[Path, ModelRecord]], shipped: Path | None) -> str:
     """The generated section (without markers) for ``models`` (path, record) in variant order."""
     models = sorted(models, key=lambda m: VARIANTS.index(m[1].variant))
@@ -91,6 +108,7 @@ def render(models: Sequence[tuple[Path, ModelRecord]], shipped: Path | None) -> 
            f"validation images' ({gates}) is rejected" if first.gate else "")
         + ("; classes seen per age group: " + ", ".join(f"{c} {'/'.join(g)}" for c, g in first.seen_age_groups.items())
            if first.seen_age_groups else "") + ".",
+        f"Preprocessing (record): {describe_preprocessing(first.preprocessing)}.",
         "",
         "### Files",
         "",

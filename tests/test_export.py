@@ -159,6 +159,11 @@ def test_ship_pins_the_sha256_and_fills_the_model_card(exported):
     acc = read_onnx_record(shipped).metrics["test"]["accuracy"]
     assert f"{acc['value']:.3f} ({acc['ci95'][0]:.3f}-{acc['ci95'][1]:.3f})" in text
     assert "| metric | FP32 | FP16 | INT8 |" in text and "leave-one-origin-out" in text
+    from xray_edge.export.model_card import describe_preprocessing
+
+    spec = read_onnx_record(shipped).preprocessing
+    assert f"Preprocessing (record): {describe_preprocessing(spec)}." in text
+    assert ("lung crop (lung model `xray-edge-lungseg-int8.onnx`" in text) == (spec.lung_crop is not None)
 
 
 def _rotate_classes(proto):

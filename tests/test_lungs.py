@@ -16,13 +16,10 @@ from xray_edge.pipeline import prepare
 from xray_edge.preprocess import preprocess
 from xray_edge.decode import read_image
 from xray_edge.session import load_model, predict_proba
+from xray_edge.train.lungs import FILE, installed_spec
 
 SIZE = 32
-SHIPPED = "xray-edge-lungseg-int8.onnx"  # the lung model in xray_edge.models
-
-
-def shipped_spec() -> LungCrop:
-    return LungCrop(model=SHIPPED, sha256=sha256_file(lungs.model_path(LungCrop(model=SHIPPED))), size=128)
+SHIPPED = FILE  # the lung model in xray_edge.models
 
 
 def test_the_mask_keeps_the_two_largest_regions():
@@ -45,13 +42,13 @@ def test_the_box_mirrors_a_missed_lung_and_adds_the_margin():
 
 def test_the_shipped_lung_model_finds_the_lungs_of_an_xray_like_image():
     grey = xray_like(400, 360, seed=3)
-    top, bottom, left, right = lungs.lung_finder(shipped_spec())(grey)
+    top, bottom, left, right = lungs.lung_finder(installed_spec())(grey)
     assert 0 < top < 0.4 * 400 < 0.6 * 400 < bottom < 400 and 0 <= left < 0.3 * 360 < 0.7 * 360 < right <= 360
 
 
 @pytest.fixture
 def crop_model(tmp_path):
-    pre = Preprocessing(size=SIZE, lung_crop=shipped_spec(), crop_fraction=0.0)
+    pre = Preprocessing(size=SIZE, lung_crop=installed_spec(), crop_fraction=0.0)
     return make_tiny_onnx(tmp_path / "crop.onnx", size=SIZE, record=tiny_record(SIZE, preprocessing=pre))
 
 
@@ -73,7 +70,7 @@ def test_classify_crops_to_the_lungs_before_the_model(tmp_path, crop_model):
 
 
 def test_a_lung_model_that_is_not_the_pinned_file_is_refused(tmp_path, monkeypatch):
-    pre = Preprocessing(size=SIZE, lung_crop=shipped_spec(), crop_fraction=0.0)
+    pre = Preprocessing(size=SIZE, lung_crop=installed_spec(), crop_fraction=0.0)
     models = tmp_path / "models"
     models.mkdir()
     shutil.copyfile(lungs.model_path(LungCrop(model=SHIPPED)), models / SHIPPED)
