@@ -23,6 +23,7 @@ from .lungs import lung_finder
 from .preprocess import min_decoded_side, preprocess
 from .session import LoadedModel, predict
 
+NO_LUNGS = "the lung crop found no lung fields: the whole image was classified"
 PREFETCH_BATCHES = 2  # batches decoded ahead of the one being run through the model
 
 
@@ -34,6 +35,7 @@ class Prepared:
     image: np.ndarray | None  # (S, S, 1) float32 model input; None on error
     error: str  # "" when ok
     ms: float  # decode + preprocess wall time
+    note: str = ""  # what the preprocessing could not do as the recipe intends (NO_LUNGS), else ""
 
 
 @dataclass
@@ -48,6 +50,7 @@ class Result:
     ood: float | None = None  # gate distance, if the model has one
     cam: np.ndarray | None = None  # (h, w, C) Grad-CAM maps, when asked for
     image: np.ndarray | None = None  # the (S, S, 1) model input, when the maps were asked for
+    note: str = ""  # Prepared.note
 
     @property
     def ok(self) -> bool:
@@ -75,10 +78,16 @@ def prepare(path: str | os.PathLike, spec: Preprocessing, max_pixels: int = DEFA
     raises (a recipe's lung model that cannot be loaded is refused earlier, by
     ``session.load_model``)."""
     start = time.perf_counter()
+    boxes: list[tuple[int, int, int, int] | None] = []  # the lung box found, kept for the note
+
+    def lung_box(grey: np.ndarray) -> tuple[int, int, int, int] | None:
+        boxes.append(find(grey))
+        return boxes[-1]
+
     try:
-        lung_box = lung_finder(spec.lung_crop) if spec.lung_crop is not None else None
+        find = lung_finder(spec.lung_crop) if spec.lung_crop is not None else None
         grey, reduction = read_grey(path, max_pixels, min_decoded_side(spec))
-        image = preprocess(grey, spec, reduction, lung_box)
+        image = preprocess(grey, spec, reduction, lung_box if find else None)
         error = ""
     except DecodeError as e:
         image, error = None, str(e)
@@ -86,7 +95,8 @@ def prepare(path: str | os.PathLike, spec: Preprocessing, max_pixels: int = DEFA
         image, error = None, "out of memory while decoding"
     except Exception as e:  # a decoder bug must not stop the batch
         image, error = None, f"cannot decode ({type(e).__name__}: {e})"
-    return Prepared(str(path), image, error, (time.perf_counter() - start) * 1000)
+    note = NO_LUNGS if image is not None and boxes == [None] else ""
+    return Prepared(str(path), image, error, (time.perf_counter() - start) * 1000, note)
 
 
 def prepared_batches(paths: Iterable[str | os.PathLike], spec: Preprocessing, batch_size: int = 8,
@@ -143,6 +153,7 @@ def classify_paths(model: LoadedModel, paths: Iterable[str | os.PathLike], batch
                 results.append(Result(p.path, out.probs[k], "", p.ms + share,
                                       age=None if out.age is None else out.age[k],
                                       ood=None if out.ood is None else float(out.ood[k]),
-                                      cam=None if out.cam is None else out.cam[k], image=p.image if cam else None))
+                                      cam=None if out.cam is None else out.cam[k], image=p.image if cam else None,
+                                      note=p.note))
                 k += 1
         yield results

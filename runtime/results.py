@@ -146,7 +146,7 @@ def make_row(result: Result, model: LoadedModel, decision: Decision | None, heat
     return {"path": result.path, "status": status, "decision": decision.decision if decision else "error",
             "label": decision.label if classified else "", **{f"p_{c}": p for c, p in zip(classes, probs)},
             "flagged": decision.flagged if classified else [], "age_group": decision.age_group if classified else "",
-            "warning": decision.warning if classified else "",
+            "warning": "; ".join(w for w in (decision.warning, result.note) if w) if classified else "",
             "gate_score": None if decision is None or decision.gate_score is None else round(decision.gate_score, 3),
             "reason": reason, "heatmap": heatmap, "ms": round(result.ms, 1), "model": model.label}
 

@@ -1,5 +1,6 @@
 """The lung-field crop (``xray_edge.lungs``): the box from a mask, the shipped lung model on an
 X-ray-like image, and a lung-crop model through ``xray-edge classify`` (its lung model pinned)."""
+import csv
 import json
 import shutil
 
@@ -12,7 +13,7 @@ from images import as_uint8, write, xray_like
 from tiny_model import make_tiny_onnx, tiny_record
 from xray_edge.cli import app
 from xray_edge.contract import LungCrop, ModelContractError, Preprocessing, sha256_file
-from xray_edge.pipeline import prepare
+from xray_edge.pipeline import NO_LUNGS, prepare
 from xray_edge.preprocess import preprocess
 from xray_edge.decode import read_image
 from xray_edge.session import load_model, predict_proba
@@ -67,6 +68,22 @@ def test_classify_crops_to_the_lungs_before_the_model(tmp_path, crop_model):
     (row,) = json.loads(out.read_text())
     got = [row[f"p_{c}"] for c in model.classes]
     np.testing.assert_allclose(got, predict_proba(model, expected[None])[0], atol=2e-6)
+    assert NO_LUNGS not in row["warning"]
+
+
+def test_an_image_without_lungs_is_classified_whole_with_a_warning(tmp_path, crop_model):
+    (tmp_path / "in").mkdir()
+    ramp = np.tile(np.linspace(0, 1, 300), (300, 1))  # no lung fields in it
+    path = write(tmp_path / "in" / "ramp.png", as_uint8(ramp))
+    spec = load_model(crop_model).record.preprocessing
+    assert lungs.lung_finder(spec.lung_crop)(read_image(path)) is None
+    np.testing.assert_allclose(prepare(path, spec).image, preprocess(read_image(path), Preprocessing(
+        size=SIZE, crop_fraction=0.0)), atol=1e-6)  # the whole image
+    out = tmp_path / "out.csv"
+    result = CliRunner().invoke(app, ["classify", str(tmp_path / "in"), "--model", str(crop_model), "--output", str(out)])
+    with open(out, newline="") as f:
+        (row,) = csv.DictReader(f)
+    assert row["status"] == "ok" and NO_LUNGS in row["warning"], (row, result.output)
 
 
 def test_a_lung_model_that_is_not_the_pinned_file_is_refused(tmp_path, monkeypatch):
