@@ -73,7 +73,7 @@ def test_classify_crops_to_the_lungs_before_the_model(tmp_path, crop_model):
 
 def test_an_image_without_lungs_is_classified_whole_with_a_warning(tmp_path, crop_model):
     (tmp_path / "in").mkdir()
-    ramp = np.tile(np.linspace(0, 1, 300), (300, 1))  # no lung fields in it
+    ramp = np.tile(np.linspace(0, 1, 300)[:, None], (1, 300))  # top to bottom: no lung fields in it
     path = write(tmp_path / "in" / "ramp.png", as_uint8(ramp))
     spec = load_model(crop_model).record.preprocessing
     assert lungs.lung_finder(spec.lung_crop)(read_image(path)) is None
