@@ -12,7 +12,8 @@ from tiny_data import make_roots  # noqa: E402
 
 TRAIN_SIZE = 64  # block5_conv4 is 4x4 at 64 px: enough to tell which quadrant a heatmap points at
 TRAIN_ARGS = ["--arch", "vgg-tiny", "--weights", "none", "--size", str(TRAIN_SIZE), "--epochs", "15", "--lr", "1e-2", "--n-boot", "20",
-              "--child-origins", "kids", "--aug-views", "1", "--gate-quantile", "0.95"]
+              "--child-origins", "kids", "--augment", "geometric+processing", "--aug-views", "1",
+              "--gate-quantile", "0.95"]
 TINY_MIN_AGREEMENT = 0.7
 
 

@@ -280,7 +280,8 @@ def test_end_to_end_outputs(trained, roots):
     assert set(m["heads"]) == {"flatten"} and m["selected_head"] == "flatten"
     assert m["onnx_feature_check"]["passed"] and m["shipped_model_check"]["passed"]
     views_per_train_image = len(m["features"]["augment"].split("+")) * m["features"]["aug_views"]
-    assert views_per_train_image == 2  # the default: one geometric and one processing view
+    assert views_per_train_image == 2  # as asked: one geometric and one processing view
+    assert record.preprocessing.lung_crop is not None and record.preprocessing.crop_fraction == 0  # the default recipe
     assert m["features"]["computed"] == len(rows) + views_per_train_image * sum(r["split"] == "train" for r in rows)
     assert set(m["normal_probe"]) == {"adults", "kids", "clinic"}
     assert set(m["test_by_age_group"]) == {"adult", "child"}
