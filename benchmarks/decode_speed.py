@@ -1,8 +1,10 @@
 """Decode + preprocess speed on full-size clinical-like files: the full-resolution decode against
 the runtime's path (pipeline.prepare: reduced-resolution JPEG and JPEG 2000, block-averaged
-uncompressed DICOM, integer crop before float), with the difference between the model inputs they give. Needs no model.
+uncompressed DICOM, integer crop before float), with the difference between the model inputs they give. Without
+``--model`` it measures the default recipe (border crop) and needs no model; with one (``shipped``: the installed
+model), that model's recipe (the shipped one's lung crop) and how much its probabilities differ between the paths.
 
-    python -m xray_edge.benchmarks.decode_speed --data ../shared/data/cxr3 --n 6 [--lung-crop]
+    python -m xray_edge.benchmarks.decode_speed --data ../shared/data/cxr3 --n 6 [--model shipped]
 
 Files are made from real images (bicubic upscale + Gaussian noise, sd 0.5 % of full scale, so
 they do not compress unrealistically well): 2500x2500 16-bit PNG, 3000x3000 uncompressed 12-bit
@@ -24,11 +26,12 @@ import numpy as np
 
 from xray_edge.benchmarks.e2e import write_dicom
 from xray_edge.contract import Preprocessing
+from xray_edge.classify import shipped_model
 from xray_edge.decode import read_grey, read_image
 from xray_edge.lungs import lung_finder
 from xray_edge.pipeline import prepare
 from xray_edge.preprocess import min_decoded_side, preprocess
-from xray_edge.train.lungs import installed_spec
+from xray_edge.session import LoadedModel, load_model, predict_proba
 
 
 def real_images(folder: Path, n: int) -> list[np.ndarray]:
@@ -73,13 +76,14 @@ def make_files(images: list[np.ndarray], out: Path, seed: int = 0) -> dict[str, 
     return files
 
 
-def measure(paths: list[Path], spec: Preprocessing, rounds: int) -> dict[str, object]:
+def measure(paths: list[Path], spec: Preprocessing, rounds: int, model: LoadedModel | None = None) -> dict[str, object]:
     """Median ms per image of the full decode and of the runtime's path (interleaved), and the
     largest per-image max and mean absolute difference between their model inputs (with a lung
-    crop, each path finds its own box)."""
-    full_ms, new_ms, max_abs, mean_abs = [], [], 0.0, 0.0
+    crop, each path finds its own box); with ``model``, the largest difference between the
+    probabilities it gives the two inputs and how many files keep their argmax."""
+    full_ms, new_ms, max_abs, mean_abs, inputs = [], [], 0.0, 0.0, []
     lung_box = lung_finder(spec.lung_crop) if spec.lung_crop else None
-    for _ in range(rounds):
+    for r in range(rounds):
         for path in paths:
             start = time.perf_counter()
             full = preprocess(read_image(path), spec, lung_box=lung_box)
@@ -89,9 +93,16 @@ def measure(paths: list[Path], spec: Preprocessing, rounds: int) -> dict[str, ob
             new_ms.append((time.perf_counter() - start) * 1000)
             diff = np.abs(new - full)
             max_abs, mean_abs = max(max_abs, float(diff.max())), max(mean_abs, float(diff.mean()))
+            if r == 0:
+                inputs.append((full, new))
     decoded = read_grey(paths[0], min_side=min_decoded_side(spec))[0].shape
-    return {"full": median(full_ms), "new": median(new_ms), "max_abs": max_abs, "mean_abs": mean_abs,
-            "decoded": f"{decoded[1]}x{decoded[0]}"}
+    out = {"full": median(full_ms), "new": median(new_ms), "max_abs": max_abs, "mean_abs": mean_abs,
+           "decoded": f"{decoded[1]}x{decoded[0]}"}
+    if model is not None:
+        p_full, p_new = (predict_proba(model, np.stack([pair[i] for pair in inputs])) for i in (0, 1))
+        out |= {"max_dp": float(np.abs(p_full - p_new).max()),
+                "same_argmax": f"{int((p_full.argmax(1) == p_new.argmax(1)).sum())}/{len(inputs)}"}
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,20 +110,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", type=Path, required=True, help="folder of real PNG/JPEG images")
     parser.add_argument("--n", type=int, default=6, help="images per format")
     parser.add_argument("--rounds", type=int, default=3, help="timed passes over the files")
-    parser.add_argument("--lung-crop", action="store_true",
-                        help="the lung-crop recipe (the lung model shipped in xray_edge.models, no border crop)")
+    parser.add_argument("--model", help="'shipped' or a model file: its recipe (e.g. the lung crop), and how much "
+                                        "its probabilities differ between the two paths [default: the default "
+                                        "recipe, no model]")
     args = parser.parse_args(argv)
     cv2.setNumThreads(1)  # one thread, as in one decoding worker
-    spec = Preprocessing(crop_fraction=0.0, lung_crop=installed_spec()) if args.lung_crop else Preprocessing()
+    model = None
+    if args.model:
+        path, pin = shipped_model() if args.model == "shipped" else (Path(args.model), None)
+        model = load_model(path, threads=1, expected_sha256=pin)
+    spec = model.record.preprocessing if model else Preprocessing()
     print(f"load average {os.getloadavg()[0]:.2f}, {os.cpu_count()} cores; making files ...", flush=True)
     with tempfile.TemporaryDirectory(prefix="xray-edge-decode-") as tmp:
         files = make_files(real_images(args.data, args.n), Path(tmp))
         print(f"{'format':<42} {'full ms':>8} {'new ms':>8} {'speed-up':>8}  {'decoded at':<10} "
-              f"{'max abs':>8} {'mean abs':>9}")
+              f"{'max abs':>8} {'mean abs':>9}" + ("  max |dp|  same argmax" if model else ""))
         for name, paths in files.items():
-            r = measure(paths, spec, args.rounds)
+            r = measure(paths, spec, args.rounds, model)
             print(f"{name:<42} {r['full']:8.1f} {r['new']:8.1f} {r['full'] / r['new']:7.1f}x  {r['decoded']:<10} "
-                  f"{r['max_abs']:8.4f} {r['mean_abs']:9.5f}", flush=True)
+                  f"{r['max_abs']:8.4f} {r['mean_abs']:9.5f}"
+                  + (f"  {r['max_dp']:8.4f}  {r['same_argmax']:>11}" if model else ""), flush=True)
     print(f"load average {os.getloadavg()[0]:.2f} (other work on the machine slows and scatters the times)")
 
 
