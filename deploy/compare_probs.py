@@ -60,6 +60,7 @@ class Comparison:
     lines: list[tuple[str, list[float], list[float], float, str, str]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     near_ties: list[str] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)  # rejected by the input gate on both sides (no probabilities)
 
     @property
     def max_diff(self) -> float:
@@ -67,7 +68,7 @@ class Comparison:
 
     @property
     def ok(self) -> bool:
-        return not self.problems and bool(self.lines)
+        return not self.problems and bool(self.lines or self.rejected)
 
 
 def read_results(path: Path) -> dict[str, Row]:
@@ -132,6 +133,9 @@ def compare(ref: dict[str, Row], cand: dict[str, Row], tol: float) -> Comparison
         cmp.problems.append(f"{name}: missing from the first results")
     for name in sorted(set(ref) & set(cand)):
         a, b = ref[name], cand[name]
+        if a.status == b.status == "rejected":
+            cmp.rejected.append(name)
+            continue
         if a.status != "ok" or b.status != "ok":
             cmp.problems.append(f"{name}: not classified ({a.status}: {a.error or '-'} / {b.status}: {b.error or '-'})")
             continue
@@ -162,6 +166,7 @@ def report(cmp: Comparison, names: tuple[str, str]) -> str:
         out.append(f"{name:<{width}}  {names[0]:<8} {' '.join(f'{p:10.6f}' for p in pa)}  {'':>9}  {top_a}")
         out.append(f"{'':<{width}}  {names[1]:<8} {' '.join(f'{p:10.6f}' for p in pb)}  {diff:9.6f}  {top_b}")
     out += [f"note: near-tie {t}" for t in cmp.near_ties]
+    out += [f"note: {name}: rejected by the input gate on both sides" for name in cmp.rejected]
     out += [f"FAIL: {p}" for p in cmp.problems]
     n = len(cmp.lines)
     agree = sum(a == b for *_, a, b in cmp.lines)

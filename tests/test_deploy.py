@@ -61,6 +61,14 @@ def test_compare_fails_on_missing_or_failed_files(tmp_path):
     assert not cmp.ok and len(cmp.problems) == 2
 
 
+def test_compare_accepts_files_the_gate_rejects_on_both_sides_only(tmp_path):
+    both = _compare(tmp_path, [("a.png", "ok", [0.7, 0.2, 0.1]), ("b.png", "rejected", [None] * 3)],
+                    [("a.png", "ok", [0.7, 0.2, 0.1]), ("b.png", "rejected", [None] * 3)])
+    assert both.ok and both.rejected == ["b.png"]
+    one = _compare(tmp_path, [("b.png", "rejected", [None] * 3)], [("b.png", "ok", [0.7, 0.2, 0.1])])
+    assert not one.ok and "not classified" in one.problems[0]
+
+
 def test_model_variant_is_read_from_the_results(tmp_path):
     rows = compare_probs.read_results(_csv(tmp_path / "a.csv", [("a.png", "ok", [1, 0, 0])], "m 1 fp32"))
     assert compare_probs.model_variant(rows) == "fp32"
