@@ -28,7 +28,7 @@ from xray_edge.benchmarks.e2e import write_dicom
 from xray_edge.contract import Preprocessing
 from xray_edge.classify import shipped_model
 from xray_edge.decode import read_grey, read_image
-from xray_edge.lungs import lung_finder
+from xray_edge.lungs import finder_for
 from xray_edge.pipeline import prepare
 from xray_edge.preprocess import min_decoded_side, preprocess
 from xray_edge.session import LoadedModel, load_model, predict_proba
@@ -82,7 +82,7 @@ def measure(paths: list[Path], spec: Preprocessing, rounds: int, model: LoadedMo
     crop, each path finds its own box); with ``model``, the largest difference between the
     probabilities it gives the two inputs and how many files keep their argmax."""
     full_ms, new_ms, max_abs, mean_abs, inputs = [], [], 0.0, 0.0, []
-    lung_box = lung_finder(spec.lung_crop) if spec.lung_crop else None
+    lung_box = finder_for(spec)
     for r in range(rounds):
         for path in paths:
             start = time.perf_counter()

@@ -25,7 +25,7 @@ import numpy as np
 
 from xray_edge.contract import ModelContractError
 from xray_edge.decode import DecodeError, read_image
-from xray_edge.lungs import lung_finder
+from xray_edge.lungs import finder_for
 from xray_edge.preprocess import preprocess
 from xray_edge.session import LoadedModel, load_model, predict_proba
 
@@ -33,7 +33,7 @@ from xray_edge.session import LoadedModel, load_model, predict_proba
 def prepare(model: LoadedModel, folder: Path) -> dict[str, np.ndarray]:
     """{file name: model input (S, S, 1)} for every file in ``folder`` (sorted)."""
     spec, out = model.record.preprocessing, {}
-    lung_box = lung_finder(spec.lung_crop) if spec.lung_crop is not None else None
+    lung_box = finder_for(spec)
     for path in sorted(p for p in folder.iterdir() if p.is_file()):
         try:
             out[path.name] = preprocess(read_image(path), spec, lung_box=lung_box)

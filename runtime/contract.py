@@ -84,10 +84,11 @@ class LungCrop:
     """Crop to the lung fields found by a small segmentation model before the rest of the recipe.
 
     ``model`` names an ONNX file shipped in ``xray_edge.models`` (a bare file name, checked against
-    ``sha256``); it maps (N, size, size, 1) grey in [0, 1] to lung probabilities of the same shape. The crop is the
-    bounding box of the two largest regions with probability >= ``threshold``, made symmetric about
-    the vertical midline and widened by ``margin`` of its size on every side; where the mask covers
-    less than ``min_area`` of the image (no lungs found) the whole image is used."""
+    ``sha256``); it maps (N, size, size, 1) grey in [0, 1] to lung probabilities of the same
+    shape. The crop is the bounding box of the two largest regions with probability >=
+    ``threshold``, made symmetric about the vertical midline and widened by ``margin`` of its size
+    on every side; where the mask covers less than ``min_area`` of the image (no lungs found) the
+    whole image is used."""
 
     model: str = ""
     sha256: str = ""

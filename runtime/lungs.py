@@ -15,8 +15,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .contract import LungCrop, ModelContractError
+from .contract import LungCrop, ModelContractError, Preprocessing
 from .preprocess import LungBox, normalise_intensity
+from .session import read_model_file
 
 LUNG_RECORD_KEY = "xray_edge.lung_record"
 
@@ -60,8 +61,6 @@ def model_path(spec: LungCrop) -> Path:
 def _session(path: str, sha256: str, size: int):
     import onnxruntime as ort
 
-    from .session import read_model_file
-
     data = read_model_file(Path(path), "the recipe's lung model")
     if hashlib.sha256(data).hexdigest() != sha256:
         raise ModelContractError(f"{path}: the lung model's sha256 is not the one the classifier's record names")
@@ -91,3 +90,8 @@ def lung_finder(spec: LungCrop) -> LungBox:
         return box_of(lung_mask(probs, spec.threshold), grey.shape[:2], spec)
 
     return find
+
+
+def finder_for(spec: Preprocessing) -> LungBox | None:
+    """The lung finder ``preprocess`` needs for a recipe with a lung crop; None for one without."""
+    return lung_finder(spec.lung_crop) if spec.lung_crop is not None else None

@@ -19,7 +19,7 @@ import numpy as np
 
 from .contract import Preprocessing
 from .decode import DEFAULT_MAX_PIXELS, DecodeError, read_grey
-from .lungs import lung_finder
+from .lungs import finder_for
 from .preprocess import min_decoded_side, preprocess
 from .session import LoadedModel, predict
 
@@ -85,7 +85,7 @@ def prepare(path: str | os.PathLike, spec: Preprocessing, max_pixels: int = DEFA
         return boxes[-1]
 
     try:
-        find = lung_finder(spec.lung_crop) if spec.lung_crop is not None else None
+        find = finder_for(spec)
         grey, reduction = read_grey(path, max_pixels, min_decoded_side(spec))
         image = preprocess(grey, spec, reduction, lung_box if find else None)
         error = ""

@@ -52,11 +52,9 @@ class Recipe:
         return Preprocessing(size=size, intensity=self.intensity, crop_fraction=self.crop_fraction, lung_crop=crop)
 
     def lung_box(self) -> "LungBox | None":
-        if not self.lung_crop:
-            return None
-        from xray_edge.lungs import lung_finder
+        from xray_edge.lungs import finder_for
 
-        return lung_finder(self.preprocessing(224).lung_crop)
+        return finder_for(self.preprocessing(224))
 
     def describe(self) -> dict[str, Any]:
         return asdict(self)
