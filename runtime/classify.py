@@ -82,8 +82,6 @@ def classify(
     from .files import write_atomic
     from .report import Gallery, render
     from .results import OutputError, check_output, locked, output_format
-    from .session import load_model
-
     for stream in (sys.stdout, sys.stderr):  # never crash on a character the terminal cannot show
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
@@ -96,18 +94,13 @@ def classify(
             _usage(str(e))
     elif resume:
         _usage("--resume needs --output (the results file to continue)")
-    shipped = None if model else shipped_model()
-    if model is None and shipped is None:
-        _usage("no --model given and no model is shipped with this install; create one with "
-               "`xray-edge train` then `xray-edge export`, and pass it with --model PATH")
-    model_path, pinned = (model, None) if model else shipped
     cores = available_cores()
     try:
-        loaded = load_model(model_path, min(threads, cores), expected_sha256=pinned)
+        loaded = open_model(model, min(threads, cores))
     except ModelContractError as e:
         _usage(str(e))
     if (heatmaps or report) and (loaded.record.outputs.cam is None or loaded.record.heatmap is None):
-        _usage(f"{model_path} has no heatmap output (cam); --heatmaps and --report need a model exported with one")
+        _usage(f"{loaded.path} has no heatmap output (cam); --heatmaps and --report need a model exported with one")
     if report is not None and (report.suffix.lower() not in (".html", ".htm") or report.is_dir()):
         _usage(f"--report must name an .html file, got '{report}'")
     try:
@@ -165,7 +158,7 @@ def _run(model: LoadedModel, files: list[str], output: Path | None, resume: bool
         with Progress(len(files), hidden=quiet) as progress:
             for results in classify_paths(model, files, batch_size, workers, max_pixels,
                                           cam=heatmaps is not None or gallery is not None):
-                batch = [_row(r, model, heatmaps, gallery) for r in results]
+                batch = [row_for(r, model, heatmaps, gallery) for r in results]
                 if writer is not None:
                     writer.write(batch)
                 rows.extend(batch)
@@ -190,8 +183,10 @@ def _run(model: LoadedModel, files: list[str], output: Path | None, resume: bool
     return rows, keep, time.perf_counter() - start
 
 
-def _row(result: Result, model: LoadedModel, heatmaps: Path | None, gallery: Gallery | None) -> dict[str, Any]:
-    """One file's results row, by the record's rules; its heatmap picture written to ``heatmaps``
+def row_for(result: Result, model: LoadedModel, heatmaps: Path | None = None,
+            gallery: Gallery | None = None) -> dict[str, Any]:
+    """One file's results row, by the record's rules (the one place a row is made: ``classify``,
+    and every other front end that classifies files); its heatmap picture written to ``heatmaps``
     and kept for the report when asked for (classified images only)."""
     import numpy as np
 
@@ -235,6 +230,21 @@ def available_cores() -> int:
         return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:
         return os.cpu_count() or 1
+
+
+def open_model(model: Path | None = None, threads: int = 0) -> LoadedModel:
+    """The model to classify with: ``model``, else the one shipped with this install (its sha256
+    pinned); every check of ``session.load_model``. ModelContractError (one line) if there is none
+    or it cannot be used."""
+    from .contract import ModelContractError
+    from .session import load_model
+
+    shipped = None if model else shipped_model()
+    if model is None and shipped is None:
+        raise ModelContractError("no --model given and no model is shipped with this install; create one with "
+                                 "`xray-edge train` then `xray-edge export`, and pass it with --model PATH")
+    model_path, pinned = (model, None) if model else shipped
+    return load_model(model_path, threads, expected_sha256=pinned)
 
 
 def shipped_model() -> tuple[Path, str | None] | None:
