@@ -9,10 +9,8 @@ Only regular files are read (see :mod:`files`). Colour is reduced to grey with
 Rec. 601 luma (0.299 R + 0.587 G + 0.114 B); an alpha channel is dropped; 8-bit values are
 divided by 255 and 16-bit values by 65535. JPEG EXIF orientation is applied.
 
-DICOM: the modality LUT (rescale slope/intercept) is applied, then the first VOI window
-(Window Center/Width, LINEAR, LINEAR_EXACT or SIGMOID) or, without one, the VOI LUT Sequence,
-or, without either, the full data range; MONOCHROME1 is inverted so bone is bright. These run
-in float32, in place.
+DICOM is read by :mod:`dicom` (the modality LUT, the VOI window or LUT, MONOCHROME1; shared
+with the DICOM node).
 
 Reduced decoding (read_grey's ``min_side``; the classify pipeline gives preprocess's
 min_decoded_side, 534 pixels for the 224 x 224 model: twice its input after the 8 % crop):
@@ -43,21 +41,19 @@ Every failure raises :class:`DecodeError` with a one-line reason.
 """
 from __future__ import annotations
 
-import io
 import os
 import struct
-import warnings
 import zlib
 from pathlib import Path
-from typing import NamedTuple
 
 import cv2
 import numpy as np
 
-from .inputs import DEFAULT_MAX_PIXELS, DICOM_SUFFIXES, is_dicom  # noqa: F401 (re-exported)
-
-from . import j2k
+from . import jpeg
+from .dicom import decode_dicom
 from .files import FileTooLarge, NotRegularFile, read_regular
+from .inputs import DEFAULT_MAX_PIXELS, DICOM_SUFFIXES, is_dicom  # noqa: F401 (re-exported)
+from .pixels import DecodeError, NoImageContent, Reduction, check_pixels, halvings, megapixels, min_max  # noqa: F401 (re-exports)
 
 _FLAGS = cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR  # keeps 16-bit, drops alpha, applies EXIF
 _JPEG_SCALED = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4, 8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
@@ -65,29 +61,6 @@ _FULL_SCALE = {np.dtype(np.uint8): 255.0, np.dtype(np.uint16): 65535.0}
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _SIGNATURES = ((_PNG_SIGNATURE, "PNG"), (b"\xff\xd8", "JPEG"), (b"BM", "BMP"), (b"II*\x00", "TIFF"),
                (b"MM\x00*", "TIFF"), (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"))
-_DEFLATED_DICOM = "1.2.840.10008.1.2.1.99"
-_DICOM_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
-
-# Problems are reported as DecodeError; pydicom's warnings about the same files (excess frames,
-# non-conforming values) would only reach the terminal.
-warnings.filterwarnings("ignore", module=r"pydicom(\.|$)")
-
-
-class DecodeError(ValueError):
-    """A file could not be decoded; the message is a one-line reason (without the path)."""
-
-
-class NoImageContent(DecodeError):
-    """The image decodes but holds nothing to classify (every pixel the same)."""
-
-
-class Reduction(NamedTuple):
-    """Where the pixels of a reduced decode lie on the full image: along each axis, pixel j
-    stands for full-resolution pixels [scale * j + origin, scale * (j + 1) + origin)."""
-
-    scale: int  # 2, 4, 8, ...
-    full_size: tuple[int, int]  # (height, width) at full resolution
-    origin: float  # 0 for JPEG's block averages; JPEG 2000's low-pass band is centred on pixel scale * j
 
 
 def read_image(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
@@ -105,7 +78,7 @@ def read_grey(path: str | os.PathLike, max_pixels: int = DEFAULT_MAX_PIXELS,
     data = _read_bytes(path, max_pixels)
     fmt = file_format(data)
     if fmt == "DICOM" or (fmt is None and Path(path).suffix.lower() in DICOM_SUFFIXES):
-        grey, reduction = _decode_dicom(data, max_pixels, min_side)
+        grey, reduction = decode_dicom(data, max_pixels, min_side)
     else:
         grey, reduction = _decode_raster(data, max_pixels, min_side)
     if grey.min() == grey.max():
@@ -135,7 +108,7 @@ def image_header(data: bytes) -> tuple[str, int, int]:
     """(format, width, height) from the header of a PNG, JPEG, BMP or TIFF file, without
     decoding pixels; raises DecodeError for other, truncated or malformed data."""
     fmt = file_format(data)
-    size = {"PNG": _png_size, "JPEG": _jpeg_size, "BMP": _bmp_size, "TIFF": _tiff_size}.get(fmt or "")
+    size = {"PNG": _png_size, "JPEG": jpeg.frame_size, "BMP": _bmp_size, "TIFF": _tiff_size}.get(fmt or "")
     if size is None:
         raise DecodeError("not a supported image (PNG, JPEG, BMP, TIFF or DICOM); unrecognised file signature")
     try:
@@ -146,8 +119,8 @@ def image_header(data: bytes) -> tuple[str, int, int]:
 
 def _decode_raster(data: bytes, max_pixels: int, min_side: int | None) -> tuple[np.ndarray, Reduction | None]:
     fmt, width, height = image_header(data)
-    _check_pixels(width, height, max_pixels)
-    scale = _jpeg_scale(_jpeg_frame(data), min_side) if fmt == "JPEG" and min_side else 1
+    check_pixels(width, height, max_pixels)
+    scale = _jpeg_scale(jpeg.frame_header(data), min_side) if fmt == "JPEG" and min_side else 1
     arr = cv2.imdecode(np.frombuffer(data, np.uint8), _JPEG_SCALED[scale] if scale > 1 else _FLAGS)
     if arr is None or arr.size == 0:
         raise DecodeError(f"cannot decode {fmt} (corrupt or unsupported data)")
@@ -157,27 +130,18 @@ def _decode_raster(data: bytes, max_pixels: int, min_side: int | None) -> tuple[
     return grey, Reduction(scale, (grey.shape[0] * scale, grey.shape[1] * scale), 0.0)
 
 
-def _jpeg_scale(frame: _JpegFrame, min_side: int) -> int:
+def _jpeg_scale(frame: jpeg.Frame, min_side: int) -> int:
     """1, or for an 8-bit DCT JPEG, the largest of 2, 4 and 8 that libjpeg can scale it down by
     (straight to grey, EXIF orientation still applied) keeping its shorter side at least
     ``min_side``. The scale must divide both sides, so that whichever way EXIF turns or flips
     the image, the scaled pixels are block averages aligned with its edges. (The scaling flags
     would also drop the 16-bit output of a 12-bit JPEG.)"""
-    if frame.precision != 8 or frame.marker not in _JPEG_DCT:
+    if frame.precision != 8 or frame.marker not in jpeg.DCT_PROCESSES:
         return 1
-    n = _halvings(frame.width, frame.height, min_side, 3)
+    n = halvings(frame.width, frame.height, min_side, 3)
     while n and (frame.width | frame.height) & ((1 << n) - 1):
         n -= 1
     return 1 << n
-
-
-def _halvings(width: int, height: int, min_side: int, most: int) -> int:
-    """How often (up to ``most`` times) the image can be halved, rounding up, keeping its
-    shorter side at least ``min_side``."""
-    n = 0
-    while n < most and -(-min(width, height) >> (n + 1)) >= min_side:
-        n += 1
-    return n
 
 
 def to_grey(arr: np.ndarray) -> np.ndarray:
@@ -185,7 +149,7 @@ def to_grey(arr: np.ndarray) -> np.ndarray:
     if arr.dtype in _FULL_SCALE:
         grey = unit_float(arr)
     else:  # float or signed TIFF: no fixed range, use the image's own
-        grey = _min_max(arr.astype(np.float64)).astype(np.float32)
+        grey = min_max(arr.astype(np.float64)).astype(np.float32)
     if grey.ndim == 3:
         channels = grey.shape[2]
         if channels in (3, 4):
@@ -200,7 +164,7 @@ def _read_bytes(path: str | os.PathLike, max_pixels: int) -> bytes:
     try:
         data = read_regular(path, 8 * max_pixels + (64 << 20))
     except FileTooLarge as e:
-        raise DecodeError(f"file is {e.size / 2**20:.0f} MiB, too large for the {_mp(max_pixels)} pixel limit") from None
+        raise DecodeError(f"file is {e.size / 2**20:.0f} MiB, too large for the {megapixels(max_pixels)} pixel limit") from None
     except NotRegularFile as e:
         raise DecodeError("is a folder, not a file" if e.kind == "folder" else str(e)) from None
     except PermissionError:
@@ -213,20 +177,6 @@ def _read_bytes(path: str | os.PathLike, max_pixels: int) -> bytes:
     if not data:
         raise DecodeError("empty file (0 bytes)")
     return data
-
-
-def _mp(pixels: int) -> str:
-    return f"{pixels / 1e6:g} MP"
-
-
-def _check_pixels(width: int, height: int, max_pixels: int) -> None:
-    if width <= 0 or height <= 0:
-        raise DecodeError(f"invalid image dimensions {width}x{height} in header")
-    if width * height > max_pixels:
-        raise DecodeError(
-            f"image claims {width}x{height} pixels ({_mp(width * height)}), over the {_mp(max_pixels)} "
-            "limit (possible decompression bomb); raise it with --max-pixels if the file is genuine"
-        )
 
 
 def _png_size(data: bytes) -> tuple[int, int]:
@@ -248,52 +198,6 @@ def _png_size(data: bytes) -> tuple[int, int]:
             return width, height
         pos = end + 4
     raise DecodeError("truncated PNG (file ends before the IEND chunk)")
-
-
-_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}  # F7: JPEG-LS
-_JPEG_DCT = {0xC0, 0xC1, 0xC2, 0xC9, 0xCA}  # non-hierarchical DCT processes: libjpeg can scale these
-
-
-class _JpegFrame(NamedTuple):
-    """A JPEG's frame header (SOF)."""
-
-    marker: int  # the SOF marker: which coding process
-    precision: int  # bits per sample
-    width: int
-    height: int
-
-
-def _jpeg_size(data: bytes) -> tuple[int, int]:
-    frame = _jpeg_frame(data)
-    return frame.width, frame.height
-
-
-def _jpeg_frame(data: bytes) -> _JpegFrame:
-    """The frame header; checks an end-of-image marker follows the first scan (truncation)."""
-    pos, frame = 2, None
-    while True:
-        pos = data.find(b"\xff", pos)  # like libjpeg, skip stray bytes between segments
-        if pos < 0:
-            raise DecodeError("truncated JPEG (file ends inside its header)")
-        while data[pos + 1] == 0xFF:  # fill bytes
-            pos += 1
-        marker = data[pos + 1]
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:
-            pos += 2
-            continue
-        if marker == 0xD9:
-            raise DecodeError("malformed JPEG (no image data)")
-        (length,) = struct.unpack(">H", data[pos + 2 : pos + 4])
-        if marker in _JPEG_SOF:
-            precision, height, width = struct.unpack(">BHH", data[pos + 4 : pos + 9])
-            frame = _JpegFrame(marker, precision, width, height)
-        if marker == 0xDA:  # start of scan: entropy-coded data follows
-            if frame is None:
-                raise DecodeError("malformed JPEG (scan before frame header)")
-            if data.find(b"\xff\xd9", pos) < 0:
-                raise DecodeError("truncated JPEG (no end-of-image marker)")
-            return frame
-        pos += 2 + length
 
 
 def _bmp_size(data: bytes) -> tuple[int, int]:
@@ -334,298 +238,3 @@ def _tiff_size(data: bytes) -> tuple[int, int]:
     if 256 not in dims or 257 not in dims:
         raise DecodeError("malformed TIFF (no image dimensions in the first directory)")
     return dims[256], dims[257]
-
-
-def _min_max(arr: np.ndarray) -> np.ndarray:
-    """``arr`` (float, changed in place) stretched from its own min..max to 0..1."""
-    lo, hi = float(arr.min()), float(arr.max())
-    if not (np.isfinite(lo) and np.isfinite(hi)):  # a NaN anywhere makes min and max NaN
-        raise DecodeError("image contains NaN or infinite values")
-    if hi <= lo:
-        arr[...] = 0.0
-        return arr
-    arr -= lo
-    arr /= hi - lo
-    return arr
-
-
-def _decode_dicom(data: bytes, max_pixels: int, min_side: int | None) -> tuple[np.ndarray, Reduction | None]:
-    from pydicom.uid import JPEG2000TransferSyntaxes
-
-    try:
-        ds = _read_dicom(data, max_pixels)
-        if "PixelData" not in ds:
-            raise DecodeError("DICOM file has no pixel data")
-        photometric = str(ds.get("PhotometricInterpretation", "")).strip()
-        rows, cols = int(ds.Rows), int(ds.Columns)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        sample_bits = int(ds.get("SamplesPerPixel", 1) or 1) * int(ds.BitsAllocated)
-        pixel_data = ds.PixelData
-    except DecodeError:
-        raise
-    except Exception as e:  # pydicom raises many types for malformed files
-        raise DecodeError(f"not a readable DICOM file ({_one_line(e)})") from None
-    if photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise DecodeError(
-            f"colour DICOM (PhotometricInterpretation {photometric or 'missing'}) is not supported; "
-            "only MONOCHROME1/MONOCHROME2 X-rays"
-        )
-    _check_pixels(cols, rows * frames, max_pixels)
-    if frames != 1:
-        raise DecodeError(f"multi-frame DICOM ({frames} frames) is not supported")
-    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
-    reduced = None
-    if syntax is not None and syntax.is_encapsulated:
-        frame = _compressed_frame(pixel_data, syntax, rows, cols)
-        if min_side is not None and syntax in JPEG2000TransferSyntaxes:
-            reduced = _reduced_j2k(frame, ds, min_side)
-    else:
-        _check_native_frame(len(pixel_data), rows, cols, sample_bits)
-    stored, reduction = reduced or (_stored_pixels(ds, syntax), None)
-    if reduction is None and min_side is not None:
-        stored, reduction = _block_averaged(stored, ds, min_side) or (stored, None)
-    try:
-        grey = _dicom_voi(_modality_values(stored, ds), ds)
-    except DecodeError:
-        raise
-    except Exception as e:
-        raise DecodeError(f"invalid DICOM LUT or window ({_one_line(e)})") from None
-    if photometric == "MONOCHROME1":
-        np.subtract(1.0, grey, out=grey)
-    return np.clip(grey, 0.0, 1.0, out=grey), reduction
-
-
-def _stored_pixels(ds, syntax) -> np.ndarray:
-    """The stored values of the (single) frame, decoded by pydicom."""
-    try:
-        return ds.pixel_array
-    except Exception as e:
-        if syntax is not None and syntax.is_compressed:
-            raise DecodeError(f"cannot decode DICOM transfer syntax {syntax.name} ({syntax}): "
-                              f"{_decoder_failure(syntax, e)}") from None
-        raise DecodeError(f"cannot decode DICOM pixel data ({_one_line(e)})") from None
-
-
-def _reduced_j2k(frame: bytes, ds, min_side: int) -> tuple[np.ndarray, Reduction] | None:
-    """The stored values of a large JPEG 2000 frame decoded at a reduced resolution, or None where
-    that is not to be had (a small image, a codestream that does not match the data set or that
-    Pillow cannot reduce, any failure): pydicom's decoder then decodes it and reports problems."""
-    try:
-        header = j2k.read_header(frame)
-        if (not header.at_origin or header.components != 1 or header.precision != int(ds.BitsStored)
-                or header.signed != bool(ds.PixelRepresentation) or header.precision > 16):
-            return None
-        reduce = j2k.workable_reduce(header, _halvings(header.width, header.height, min_side, header.levels))
-        if not reduce:
-            return None
-        scale = 1 << reduce
-        reduction = Reduction(scale, (header.height, header.width), -(scale - 1) / 2)
-        return j2k.decode_reduced(frame, header, reduce), reduction
-    except Exception:  # only a shortcut: the full decoder decides
-        return None
-
-
-def _read_dicom(data: bytes, max_pixels: int):
-    """The pydicom Dataset in ``data``. A deflated data set is inflated here, never to more than
-    the largest image ``max_pixels`` allows (pydicom would inflate it whole, however large)."""
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.filereader import read_dataset
-    from pydicom.uid import ExplicitVRLittleEndian
-
-    meta_end, syntax = _file_meta(data)
-    if syntax != _DEFLATED_DICOM:
-        return pydicom.dcmread(io.BytesIO(data), force=True)
-    limit = 2 * max_pixels + (16 << 20)  # 16-bit samples at the pixel limit, plus 16 MiB of other elements
-    inflater = zlib.decompressobj(-zlib.MAX_WBITS)
-    try:
-        body = inflater.decompress(data[meta_end:], limit + 1)
-    except zlib.error as e:
-        raise DecodeError(f"corrupt deflated DICOM data ({e})") from None
-    if len(body) > limit:
-        raise DecodeError(f"deflated DICOM data set inflates to more than {limit / 2**20:.0f} MiB, over what the "
-                          f"{_mp(max_pixels)} pixel limit allows (possible decompression bomb)")
-    ds = read_dataset(io.BytesIO(body), is_implicit_VR=False, is_little_endian=True)
-    ds.file_meta = FileMetaDataset()
-    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian  # what is left once inflated
-    return ds
-
-
-def _file_meta(data: bytes) -> tuple[int, str | None]:
-    """(offset where the data set starts, Transfer Syntax UID) from a Part 10 file meta group
-    (explicit VR little endian); (0, None) without the DICM preamble."""
-    if not is_dicom(data):
-        return 0, None
-    pos, syntax = 132, None
-    try:
-        while pos + 8 <= len(data):
-            group, element = struct.unpack_from("<HH", data, pos)
-            if group != 2:
-                break
-            vr = data[pos + 4 : pos + 6]
-            if vr in _DICOM_LONG_VRS:
-                (length,), header = struct.unpack_from("<I", data, pos + 8), 12
-            else:
-                (length,), header = struct.unpack_from("<H", data, pos + 6), 8
-            if element == 0x0010:
-                syntax = data[pos + header : pos + header + length].rstrip(b"\x00 ").decode("ascii", "replace")
-            pos += header + length
-    except struct.error:
-        pass  # a cut-off meta group: pydicom reports it
-    return pos, syntax
-
-
-def _check_native_frame(length: int, rows: int, cols: int, sample_bits: int) -> None:
-    """Uncompressed pixel data must hold exactly one frame: pydicom would decode every frame
-    that fits, declared or not."""
-    if sample_bits <= 0:
-        raise DecodeError(f"invalid DICOM sample size ({sample_bits} bits per pixel)")
-    expected = (rows * cols * sample_bits + 7) // 8
-    if length < expected:
-        raise DecodeError(f"truncated DICOM pixel data ({length} bytes, {expected} expected for {cols}x{rows})")
-    if length > expected + expected % 2:  # an odd length is padded to even
-        raise DecodeError(f"DICOM pixel data is {length} bytes, room for {length // expected} frames of {cols}x{rows} "
-                          "where one is declared: undeclared frames or extra data refused (possible decompression bomb)")
-
-
-def _compressed_frame(pixel_data: bytes, syntax, rows: int, cols: int) -> bytes:
-    """The one encoded frame of encapsulated pixel data. It must be the only frame, and its own
-    header (JPEG SOF, JPEG 2000 SIZ) must give the declared size: decoders size their output
-    from the codestream."""
-    from pydicom.encaps import generate_fragments, parse_basic_offsets
-    from pydicom.uid import JPEG2000TransferSyntaxes, JPEGLSTransferSyntaxes, JPEGTransferSyntaxes
-
-    buffer = io.BytesIO(pixel_data)
-    try:
-        offsets = parse_basic_offsets(buffer)
-        frame = b"".join(generate_fragments(buffer))
-    except Exception as e:
-        raise DecodeError(f"malformed encapsulated DICOM pixel data ({_one_line(e)})") from None
-    if len(offsets) > 1:
-        raise DecodeError(f"DICOM pixel data holds {len(offsets)} frames where one is declared: undeclared frames refused")
-    if syntax in JPEG2000TransferSyntaxes:
-        size_of = j2k.frame_size
-    elif syntax in JPEGTransferSyntaxes or syntax in JPEGLSTransferSyntaxes:
-        size_of = _jpeg_size
-    else:
-        return frame  # RLE: decoded to the declared size
-    try:
-        width, height = size_of(frame)
-    except (ValueError, struct.error, IndexError) as e:  # DecodeError is a ValueError
-        reason = "malformed header" if isinstance(e, (struct.error, IndexError)) else str(e)
-        raise DecodeError(f"cannot decode DICOM transfer syntax {syntax.name} ({syntax}): corrupt frame ({reason})") from None
-    if (width, height) != (cols, rows):
-        raise DecodeError(f"compressed DICOM frame is {width}x{height} pixels where {cols}x{rows} are declared "
-                          "(possible decompression bomb)")
-    return frame
-
-
-def _decoder_failure(syntax, error: Exception) -> str:
-    from pydicom.pixels import get_decoder
-
-    try:
-        available = get_decoder(syntax).is_available
-    except NotImplementedError:
-        available = False
-    if not available:
-        return ("no installed decoder handles it (pydicom's plugins: python-gdcm, installed with xray-edge, "
-                "or pylibjpeg); convert the file to uncompressed DICOM")
-    return f"corrupt or unsupported data ({_one_line(error)})"
-
-
-def _modality_values(stored: np.ndarray, ds) -> np.ndarray:
-    """Stored values -> modality values as float32: through the Modality LUT if there is one
-    (pydicom), else rescaled by slope and intercept here, in place."""
-    from pydicom.pixels import apply_modality_lut
-
-    if ds.get("ModalityLUTSequence"):
-        return apply_modality_lut(stored, ds).astype(np.float32)
-    values = stored.astype(np.float32)
-    if "RescaleSlope" in ds and "RescaleIntercept" in ds:  # as pydicom's apply_modality_lut
-        values *= float(ds.RescaleSlope)
-        values += float(ds.RescaleIntercept)
-    return values
-
-
-def _dicom_voi(values: np.ndarray, ds) -> np.ndarray:
-    """Modality values (float32, changed in place) -> [0, 1] through the first window, else the
-    VOI LUT, else the data range."""
-    from pydicom.pixels import apply_voi_lut
-
-    if "WindowCenter" in ds and "WindowWidth" in ds:
-        center, width, function = _window(ds)
-        if function == "SIGMOID" and width > 0:
-            values -= center
-            values *= -4.0 / width
-            with np.errstate(over="ignore"):  # exp overflows to inf: the value becomes 0
-                np.exp(values, out=values)
-            values += 1.0
-            return np.reciprocal(values, out=values)
-        scale, offset = _linear_window(center, width, function)
-        values *= scale
-        values += offset
-        return np.clip(values, 0.0, 1.0, out=values)
-    if ds.get("VOILUTSequence"):
-        bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
-        indices = np.rint(values).astype(np.int64)  # LUT inputs are whole modality values
-        return apply_voi_lut(indices, ds, prefer_lut=True).astype(np.float32) / np.float32(2**bits - 1)
-    return _min_max(values)
-
-
-def _window(ds) -> tuple[float, float, str]:
-    """(center, width, function) of the data set's first VOI window."""
-    function = str(ds.get("VOILUTFunction", "LINEAR")).strip() or "LINEAR"
-    return float(_first(ds, "WindowCenter")), float(_first(ds, "WindowWidth")), function
-
-
-def _linear_window(center: float, width: float, function: str) -> tuple[float, float]:
-    """(scale, offset) of a LINEAR (PS3.3 C.11.2.1.2.1) or LINEAR_EXACT window: output = value *
-    scale + offset, before the clip to [0, 1]."""
-    if function == "LINEAR" and width >= 1:
-        scale = 1.0 / max(width - 1, 1e-9)
-        return scale, 0.5 - (center - 0.5) * scale
-    if function == "LINEAR_EXACT" and width > 0:
-        return 1.0 / width, 0.5 - center / width
-    raise DecodeError(f"invalid DICOM window (function {function}, width {width:g})")
-
-
-def _block_averaged(stored: np.ndarray, ds, min_side: int) -> tuple[np.ndarray, Reduction] | None:
-    """Full-resolution stored values averaged over 2**n x 2**n blocks (OpenCV's area resize, in
-    the stored integer type), the smallest reduction keeping the shorter side at least
-    ``min_side``, so that the float conversion, rescale and window run on 1/4**n of the pixels.
-    Only where that is what full decoding gives: the rescale and window must be affine over the
-    image's values (no Modality or VOI LUT, no SIGMOID window, a window that clips none of them;
-    the data-range stretch is affine too, and the percentile stretch after the resize undoes any
-    affine map), so they commute with averaging; else None."""
-    if stored.ndim != 2 or stored.dtype not in (np.uint8, np.uint16, np.int16) or ds.get("ModalityLUTSequence"):
-        return None
-    n = _halvings(stored.shape[1], stored.shape[0], min_side, 3)
-    if not n:
-        return None
-    try:
-        if "WindowCenter" in ds and "WindowWidth" in ds:
-            center, width, function = _window(ds)
-            if function not in ("LINEAR", "LINEAR_EXACT"):
-                return None
-            scale, offset = _linear_window(center, width, function)
-            ends = _modality_values(np.array([stored.min(), stored.max()], np.float32), ds) * scale + offset
-            if ends.min() < 0.0 or ends.max() > 1.0:  # the window clips: clipping does not commute with averaging
-                return None
-        elif ds.get("VOILUTSequence"):
-            return None
-    except Exception:  # only a shortcut: the full path reports what is wrong
-        return None
-    k = 1 << n
-    rows, cols = stored.shape[0] // k, stored.shape[1] // k
-    small = cv2.resize(stored[: rows * k, : cols * k], (cols, rows), interpolation=cv2.INTER_AREA)
-    return small, Reduction(k, stored.shape, 0.0)
-
-
-def _first(ds, keyword: str):
-    """First value of a possibly multi-valued element (several windows may be offered)."""
-    return ds[keyword].value[0] if ds[keyword].VM > 1 else ds[keyword].value
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
-    return (text or type(e).__name__)[:200]
