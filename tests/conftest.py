@@ -33,7 +33,8 @@ def trained(roots, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("train")
     result = CliRunner().invoke(app, ["train", *map(str, roots), "--out", str(out), "--force", "--cache-dir",
-                                      str(out / "cache"), "--heads", "flatten", *TRAIN_ARGS])
+                                      str(out / "cache"), "--head", "flatten", "--seeds", "0,1",
+                                      *TRAIN_ARGS])
     assert result.exit_code == 0, result.output
     return out
 

@@ -33,7 +33,10 @@ def train(
     child_origins: Annotated[str, typer.Option(
         help="Comma-separated origins whose images are children (every other origin: adults).")] = ",".join(CHILD_ORIGINS),
     size: Annotated[int, typer.Option(help="Model input size (pixels).")] = INPUT_SIZE,
-    seed: Annotated[int, typer.Option(help="Seed of the split, augmentation and training.")] = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the split and the augmentation.")] = 0,
+    seeds: Annotated[str, typer.Option(
+        help="Comma-separated training seeds: the cross-origin protocol runs on each (mean and spread reported); "
+             "the model written is the first seed's.")] = "0,1,2",
     cache_dir: Annotated[Path, typer.Option(help="Feature cache folder.")] = FEATURE_CACHE,
     intensity: Annotated[str, typer.Option(
         help=f"Intensity normalisation after the percentile stretch: {', '.join(INTENSITY_METHODS)}.")] = DEFAULT.intensity,
@@ -49,13 +52,26 @@ def train(
         "--origin-weights/--class-weights",
         help="Weight images so every origin of a class counts equally (else every image of a class).")
     ] = DEFAULT.origin_weights,
-    heads: Annotated[str, typer.Option(
-        help="Heads to compare by leave-one-origin-out (the better one is kept): gap, flatten.")] = DEFAULT.head,
+    drop_conflicts: Annotated[bool, typer.Option(
+        "--drop-conflicts/--keep-conflicts",
+        help="Leave the images a root's label-conflicts.csv lists out of training (they are never scored).")
+    ] = DEFAULT.drop_conflicts,
+    dro_eta: Annotated[float, typer.Option(
+        min=0, help="Worst-group reweighting: after each epoch, weight each (origin x class) group by "
+                    "exp(eta x its validation loss - the worst's); 0: off.")] = DEFAULT.dro_eta,
+    centre: Annotated[bool, typer.Option(
+        "--centre/--no-centre", help="Remove each origin's offset of its normals' mean feature in training.")
+    ] = DEFAULT.centre,
+    fine_tune: Annotated[int, typer.Option(
+        min=0, max=4, help="Block-5 convolutions (from the last) trained together with the head, from cached "
+                           "block4_pool activations; 0: frozen base.")] = DEFAULT.fine_tune,
+    head: Annotated[str, typer.Option(help="Head: gap (global average pooling) or flatten.")] = DEFAULT.head,
     epochs: Annotated[int, typer.Option(min=1, help="Maximum head-training epochs (early stopping on val loss).")] = 40,
     batch_size: Annotated[int, typer.Option(min=1, help="Head-training batch size.")] = 64,
     lr: Annotated[Optional[float], typer.Option(
-        help="Head learning rate (Adam) for every head. [default: flatten 1e-4, gap 1e-3]", show_default=False)] = None,
-    fine_tune_epochs: Annotated[int, typer.Option(min=0, help="Epochs of block-5 fine-tuning after the head (slow on a CPU).")] = 0,
+        help="Head learning rate (Adam). [default: flatten 1e-4, gap 1e-3]", show_default=False)] = None,
+    fine_tune_epochs: Annotated[int, typer.Option(min=1, help="Maximum fine-tuning epochs (early stopping).")] = 8,
+    fine_tune_lr: Annotated[float, typer.Option(help="Fine-tuning learning rate (Adam).")] = 2e-5,
     test_fraction: Annotated[float, typer.Option(help="Test share (1 / number of group folds).")] = 0.33,
     val_fraction: Annotated[float, typer.Option(help="Validation share of the whole set, taken from the training part.")] = 0.15,
     phash_hamming: Annotated[int, typer.Option(help="pHash Hamming distance that shortlists near-duplicate pairs.")] = 8,
@@ -63,6 +79,8 @@ def train(
     covid_sensitivity: Annotated[float, typer.Option(help="Validation sensitivity the COVID threshold must reach.")] = 0.95,
     abstain_accuracy: Annotated[float, typer.Option(
         help="Validation accuracy the images outside the 'uncertain' band must reach.")] = 0.97,
+    max_abstain: Annotated[float, typer.Option(
+        help="Largest share of validation images the 'uncertain' band may take.")] = 0.25,
     gate_quantile: Annotated[float, typer.Option(
         help="Share of validation X-rays the input gate must accept.")] = 0.99,
     n_boot: Annotated[int, typer.Option(min=1, help="Bootstrap resamples for the 95 % CIs.")] = 1000,
@@ -74,9 +92,16 @@ def train(
     from xray_edge.train.data import DatasetError
     from xray_edge.train.recipes import Recipe
 
-    head_list = tuple(h.strip() for h in heads.split(",") if h.strip())
     class_list = [c.strip() for c in classes.split(",") if c.strip()] if classes else None
-    problems = [f"unknown head {h!r} (use flatten, gap)" for h in head_list if h not in ("flatten", "gap")]
+    problems = [f"unknown head {head!r} (use flatten, gap)"] if head not in ("flatten", "gap") else []
+    try:
+        seed_list = tuple(int(x) for x in seeds.split(","))
+    except ValueError:
+        seed_list = ()
+    if not seed_list:
+        problems.append(f"--seeds must be comma-separated integers, got {seeds!r}")
+    if centre and fine_tune:
+        problems.append("--centre applies to the frozen base only: not with --fine-tune")
     problems += [f"unknown class {c!r} in --classes (use {', '.join(CLASSES)})" for c in class_list or [] if c not in CLASSES]
     if intensity not in INTENSITY_METHODS:
         problems.append(f"--intensity must be one of {', '.join(INTENSITY_METHODS)}")
@@ -91,8 +116,6 @@ def train(
     if weights is None and arch == "vgg19" and not os.environ.get("XRAY_EDGE_VGG19_WEIGHTS"):  # train.model.WEIGHTS_ENV
         problems.append("give --weights PATH (VGG-19 no-top .h5), 'imagenet' or 'none' (random init), "
                         "or set XRAY_EDGE_VGG19_WEIGHTS")
-    if not head_list:
-        problems.append("--heads names no head")
     if not 0 < test_fraction < 1 or not 0 < val_fraction < 1 - test_fraction:
         problems.append("need 0 < test-fraction < 1 and 0 < val-fraction < 1 - test-fraction")
     out = out or Path("runs") / f"train-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -105,22 +128,26 @@ def train(
     from xray_edge.train.pipeline import TrainConfig, run
 
     recipe = Recipe("command line", intensity=intensity, crop_fraction=crop_fraction, lung_crop=lung_crop,
-                    augment=augment, aug_views=aug_views, origin_weights=origin_weights, head=head_list[0])
+                    augment=augment, aug_views=aug_views, origin_weights=origin_weights, head=head,
+                    drop_conflicts=drop_conflicts, dro_eta=dro_eta, centre=centre, fine_tune=fine_tune)
     cfg = TrainConfig(data_dirs=data_dirs, out=out, weights=weights, arch=arch, classes=class_list,
                       child_origins=tuple(o.strip() for o in child_origins.split(",") if o.strip()), size=size,
-                      seed=seed, cache_dir=cache_dir, recipe=recipe, heads=head_list, epochs=epochs,
-                      batch_size=batch_size, lr=lr, fine_tune_epochs=fine_tune_epochs, test_fraction=test_fraction,
-                      val_fraction=val_fraction, phash_hamming=phash_hamming, ncc_threshold=ncc_threshold,
-                      covid_sensitivity=covid_sensitivity, abstain_accuracy=abstain_accuracy,
-                      gate_quantile=gate_quantile, n_boot=n_boot)
+                      seed=seed, seeds=seed_list, cache_dir=cache_dir, recipe=recipe, epochs=epochs,
+                      batch_size=batch_size, lr=lr, fine_tune_epochs=fine_tune_epochs, fine_tune_lr=fine_tune_lr,
+                      test_fraction=test_fraction, val_fraction=val_fraction, phash_hamming=phash_hamming,
+                      ncc_threshold=ncc_threshold, covid_sensitivity=covid_sensitivity,
+                      abstain_accuracy=abstain_accuracy, max_abstain=max_abstain, gate_quantile=gate_quantile,
+                      n_boot=n_boot)
     try:
         m = run(cfg)
     except (DatasetError, ModelContractError, FileNotFoundError) as e:
         typer.echo(f"error: {e}", err=True)
         raise typer.Exit(2) from None
-    t, looo = m["test"], m["leave_one_origin_out"]
-    cross = ", ".join(f"{o} {f['macro_f1_present']:.3f}" for o, f in looo["origins"].items())
-    typer.echo(f"head {m['selected_head']}: test n={t['n']} accuracy {t['accuracy']['value']:.3f}, macro-F1 "
-               f"{t['macro_f1']['value']:.3f}; cross-origin macro-F1 mean {looo['mean_macro_f1'] or float('nan'):.3f} "
-               f"({cross or 'no origin can be held out'}); {m['timings_seconds']['total']:.0f} s")
+    t, summary = m["test"], m["protocol"]["summary"]
+    cross = ", ".join(f"{o} {f['macro_f1']['mean']:.3f}" for o, f in summary["origins"].items())
+    worst = summary["worst_origin_macro_f1"]
+    typer.echo(f"test n={t['n']} accuracy {t['accuracy']['value']:.3f}, macro-F1 {t['macro_f1']['value']:.3f}; "
+               f"held-out origins ({len(summary['seeds'])} seeds): {cross or 'none can be held out'}; worst "
+               f"{worst['mean'] if worst['mean'] is not None else float('nan'):.3f} ± {worst['sd']:.3f}; "
+               f"{m['timings_seconds']['total']:.0f} s")
     typer.echo(f"wrote {out}/model.keras, record.json, split.csv, metrics.json, curves.png, confusion_test.png")

@@ -2,6 +2,11 @@
 and split groups, hash and decode them (with the runtime's decoder, so training and inference
 decode identically).
 
+A root may list ``label-conflicts.csv``: images of another root (column ``<root folder name>_path``,
+relative to that root) whose label another source contradicts (``cxr3-extra`` lists ``cxr3/COVID``
+films that SIIM radiologists read as negative for pneumonia). They are marked ``conflict``;
+training leaves them out or keeps them by recipe, and evaluation never scores them.
+
 A root either has a ``manifest.csv`` (columns ``path,label,source,sha256`` and optionally
 ``origin`` and ``group``), whose rows define its images, or is scanned: every image under a
 folder named after a class. An image's ``origin`` is the manifest's ``origin`` column, else the
@@ -27,7 +32,6 @@ from xray_edge.train.recipes import CHILD_ORIGINS
 from xray_edge.train.split import phash_bits, thumbnail
 
 
-
 class DatasetError(ValueError):
     """The dataset cannot be used (the message is one line naming the reason)."""
 
@@ -46,6 +50,7 @@ class Image:
     source: str
     sha256: str
     pixel_sha256: str = ""
+    conflict: bool = False  # listed in a label-conflicts.csv
 
 
 def data_folder(roots: Sequence[Path]) -> Path:
@@ -81,6 +86,23 @@ def _scanned_rows(root: Path) -> list[dict[str, str]]:
             if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
 
 
+def label_conflicts(roots: Sequence[Path]) -> set[str]:
+    """Resolved paths of the images that some root's ``label-conflicts.csv`` lists (a
+    ``<name>_path`` column names a file of the root folder called ``name``)."""
+    by_name = {Path(r).resolve().name: Path(r) for r in roots}
+    out: set[str] = set()
+    for root in roots:
+        listing = Path(root) / "label-conflicts.csv"
+        if not listing.is_file():
+            continue
+        with listing.open(newline="") as f:
+            for row in csv.DictReader(f):
+                for column, value in row.items():
+                    if column and column.endswith("_path") and column[:-5] in by_name and value:
+                        out.add(str((by_name[column[:-5]] / value).resolve()))
+    return out
+
+
 def list_images(roots: Sequence[Path], selected: list[str] | None = None,
                 child_origins: Sequence[str] = CHILD_ORIGINS) -> tuple[list[Image], list[str]]:
     """Every image of ``roots`` (files not yet read) and the classes, in contract order."""
@@ -91,6 +113,7 @@ def list_images(roots: Sequence[Path], selected: list[str] | None = None,
     if unknown:
         raise DatasetError(f"unknown class(es) {unknown}; use some of {list(CLASSES)}")
     folder = data_folder(roots)
+    conflicts = label_conflicts(roots)
     images = []
     for root in map(Path, roots):
         rows = _manifest_rows(root)
@@ -104,7 +127,8 @@ def list_images(roots: Sequence[Path], selected: list[str] | None = None,
             origin = row.get("origin") or origin_of(source) or root.resolve().name
             images.append(Image(path=str(path), rel=path.relative_to(folder).as_posix(), label=row["label"],
                                 origin=origin, age_group="child" if origin in child_origins else "adult",
-                                group=row.get("group", ""), source=source, sha256=row.get("sha256", "")))
+                                group=row.get("group", ""), source=source, sha256=row.get("sha256", ""),
+                                conflict=str(path) in conflicts))
     classes = [c for c in CLASSES if any(im.label == c for im in images)]
     if len(classes) < 2:
         raise DatasetError(f"{', '.join(map(str, roots))}: need images of at least 2 classes, found {classes}")

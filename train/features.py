@@ -1,4 +1,6 @@
-"""Run the frozen base once per image view and cache its features on disk.
+"""Run the frozen base once per image view and cache its outputs on disk: block5_pool (what the
+frozen-base heads, the age head and the input gate learn from) and block4_pool (where block-5
+fine-tuning starts, ``train.finetune``), one float16 .npy per view and output.
 
 Keras predict of VGG-19 is ~3x slower on a small CPU than the same graph exported with tf2onnx and
 run in onnxruntime, so features come from an ONNX export of the base, checked against Keras.
@@ -24,15 +26,16 @@ from xray_edge.train.data import Image
 DECODER = "xray_edge.decode.read_image/v1"  # part of the cache key: change when decoding changes
 
 
-def onnx_runner(onnx_bytes: bytes, output: int = 0):
-    """A function batch (N, S, S, 1) float32 -> the model's ``output``-th output, on onnxruntime's CPU provider."""
+def onnx_runner(onnx_bytes: bytes, outputs: Sequence[int] = (0,)):
+    """A function batch (N, S, S, 1) float32 -> the model's ``outputs`` (by position), on
+    onnxruntime's CPU provider."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     sess = ort.InferenceSession(onnx_bytes, opts, providers=["CPUExecutionProvider"])
-    name, wanted = sess.get_inputs()[0].name, [sess.get_outputs()[output].name]
-    return lambda batch: sess.run(wanted, {name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+    name, wanted = sess.get_inputs()[0].name, [sess.get_outputs()[i].name for i in outputs]
+    return lambda batch: sess.run(wanted, {name: np.ascontiguousarray(batch, dtype=np.float32)})
 
 
 def compare(reference: np.ndarray, other: np.ndarray, tolerance: float) -> dict[str, Any]:
@@ -62,41 +65,43 @@ def view_input(image: Image, view: int, spec: Preprocessing, seed: int, recipe: 
 
 
 def view_key(image: Image, view: int, spec: Preprocessing, base_digest: str, seed: int,
-             recipe: str = "geometric") -> str:
-    """Cache key of one view's features."""
+             recipe: str = "geometric", output: str = "block5_pool") -> str:
+    """Cache key of one view's ``output``."""
     parts = {"image": image.sha256, "decoder": DECODER, "preprocessing": spec.key(), "base": base_digest,
-             "view": view}
+             "view": view, "output": output}
     if view:
         parts |= {"augment": augment.RECIPES[recipe], "seed": seed}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
 
 
-def extract(run_base, views: Sequence[tuple[Image, int]], spec: Preprocessing, base_digest: str,
-            seed: int, cache_dir: Path, recipe: str = "geometric", lung_box: LungBox | None = None,
-            batch_size: int = 16) -> tuple[np.ndarray, dict[str, Any]]:
-    """Features (N, ...) float16 of every (image, view), from the cache or computed with ``run_base``
-    (and then cached as one float16 .npy per view). Also counts and timing."""
-    paths = [cache_dir / k[:2] / f"{k}.npy"
-             for k in (view_key(im, v, spec, base_digest, seed, recipe) for im, v in views)]
-    todo = [i for i, p in enumerate(paths) if not p.is_file()]
+def extract(run_base, outputs: Sequence[str], views: Sequence[tuple[Image, int]], spec: Preprocessing,
+            base_digest: str, seed: int, cache_dir: Path, recipe: str = "geometric", lung_box: LungBox | None = None,
+            load: Sequence[str] | None = None, batch_size: int = 16) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """The base's ``outputs`` (``run_base`` gives them in that order) for every (image, view), from
+    the cache or computed (and then cached as float16 .npy, one per view and output). Returns the
+    outputs named in ``load`` (default: all) as float16 arrays (N, ...), and counts and timing."""
+    paths = {o: [cache_dir / k[:2] / f"{k}.npy" for k in (view_key(im, v, spec, base_digest, seed, recipe, o)
+                                                         for im, v in views)] for o in outputs}
+    todo = [i for i in range(len(views)) if not all(paths[o][i].is_file() for o in outputs)]
     t0 = time.perf_counter()
     for start in range(0, len(todo), batch_size):
         idx = todo[start:start + batch_size]
-        feats = run_base(np.stack([view_input(*views[i], spec, seed, recipe, lung_box) for i in idx])).astype(np.float16)
-        for i, f in zip(idx, feats):
-            paths[i].parent.mkdir(parents=True, exist_ok=True)
-            tmp = paths[i].with_suffix(f".{os.getpid()}.tmp")
-            with tmp.open("wb") as fh:
-                np.save(fh, f)
-            os.replace(tmp, paths[i])
+        got = run_base(np.stack([view_input(*views[i], spec, seed, recipe, lung_box) for i in idx]))
+        for o, values in zip(outputs, got):
+            for i, f in zip(idx, values.astype(np.float16)):
+                paths[o][i].parent.mkdir(parents=True, exist_ok=True)
+                tmp = paths[o][i].with_suffix(f".{os.getpid()}.tmp")
+                with tmp.open("wb") as fh:
+                    np.save(fh, f)
+                os.replace(tmp, paths[o][i])
         done = start + len(idx)
         if done % (batch_size * 25) < batch_size or done == len(todo):
             rate = (time.perf_counter() - t0) / done
             print(f"features: {done}/{len(todo)} computed, {rate:.3f} s/view, "
                   f"{rate * (len(todo) - done) / 60:.1f} min left", file=sys.stderr, flush=True)
     seconds = time.perf_counter() - t0
-    feats = np.stack([np.load(p) for p in paths])
+    arrays = {o: np.stack([np.load(p) for p in paths[o]]) for o in (load if load is not None else outputs)}
     stats = {"views": len(views), "computed": len(todo), "from_cache": len(views) - len(todo),
              "compute_seconds": round(seconds, 1),
              "seconds_per_computed_view": round(seconds / len(todo), 4) if todo else None}
-    return feats, stats
+    return arrays, stats

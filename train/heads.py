@@ -29,28 +29,36 @@ def sample_weights(y: np.ndarray, origins: np.ndarray, by_origin: bool) -> np.nd
     return (w * len(y) / w.sum()).astype(np.float32)
 
 
+def groups_of(y: np.ndarray, origins: np.ndarray) -> np.ndarray:
+    """The (origin x class) group of every image, as 'origin|class index' strings."""
+    return np.array([f"{o}|{c}" for o, c in zip(origins, y)])
+
+
 def train_head(kind: str, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
                n_classes: int, *, seed: int, epochs: int, batch_size: int, lr: float, patience: int,
-               w_train: np.ndarray | None = None, w_val: np.ndarray | None = None) -> tuple[Any, dict[str, list[float]]]:
+               w_train: np.ndarray | None = None, w_val: np.ndarray | None = None,
+               g_train: np.ndarray | None = None, g_val: np.ndarray | None = None,
+               dro_eta: float = 0.0) -> tuple[Any, dict[str, list[float]]]:
     """Fit ``build_head(kind)`` with early stopping on the (weighted) validation loss, best weights
-    restored. Sample weights default to balanced class weights (``sample_weights``). Returns the
-    head (features -> logits) and the per-epoch history."""
+    restored (``fit.train``; ``dro_eta`` > 0: worst-group reweighting over the groups ``g_*``).
+    Sample weights default to balanced class weights (``sample_weights``). Returns the head
+    (features -> logits) and the per-epoch history."""
     import keras
 
+    from xray_edge.train.fit import EpochData, train
     from xray_edge.train.model import build_head
 
     keras.utils.set_random_seed(seed)
     head = build_head(x_train.shape[1:], kind, n_classes=n_classes, seed=seed)
-    head.compile(optimizer=keras.optimizers.Adam(lr),
-                 loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-                 weighted_metrics=["accuracy"])
-    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=patience, restore_best_weights=True)
     if w_train is None:
         w_train = sample_weights(y_train, y_train, by_origin=False)
-    hist = head.fit(x_train.astype(np.float32), y_train, sample_weight=w_train,
-                    validation_data=(x_val.astype(np.float32), y_val, w_val), epochs=epochs,
-                    batch_size=batch_size, callbacks=[stop], shuffle=True, verbose=0)
-    history = {k: [float(v) for v in vals] for k, vals in hist.history.items()}
+    if w_val is None:
+        w_val = sample_weights(y_val, y_val, by_origin=False)
+    data = EpochData(x_train.astype(np.float32), y_train, w_train,
+                     y_train.astype(str) if g_train is None else g_train)
+    history = train(head, lambda epoch: data, x_val.astype(np.float32), y_val, w_val,
+                    y_val.astype(str) if g_val is None else g_val, epochs=epochs, batch_size=batch_size, lr=lr,
+                    patience=patience, seed=seed, dro_eta=dro_eta)
     return head, history
 
 

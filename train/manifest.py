@@ -4,7 +4,8 @@ benchmark. Standard library only, so it imports on any install.
 Columns: path (relative to the data folder that holds the data roots, so a clone on another
 machine finds the images with ``--data`` or ``$XRAY_EDGE_DATA`` alone), label (class name), origin
 (the collection it comes from), age_group (adult/child), source (the data's own manifest entry),
-sha256 (of the file), group (duplicate/patient/study group id), split (train/val/test).
+sha256 (of the file), group (duplicate/patient/study group id), split (train/val/test, or excluded for
+a known label conflict).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import Iterable, Sequence
 from xray_edge.contract import CLASSES
 
 SPLITS = ("train", "val", "test")
+EXCLUDED = "excluded"  # split of a known label conflict (train.data): never trained on by default, never scored
 COLUMNS = ("path", "label", "origin", "age_group", "source", "sha256", "group", "split")
 
 

@@ -30,6 +30,7 @@ HEADS = ("flatten", "gap")
 ARCHS = ("vgg19", "vgg-tiny")  # vgg-tiny: VGG's five blocks at a few channels, random weights (tests, dry runs)
 TINY_WIDTHS = (16, 32, 64, 64, 64)
 CAM_LAYER = "block5_conv4"
+CUT_LAYER = "block4_pool"  # the last frozen activations, cached for block-5 fine-tuning (train.finetune)
 OUTPUTS = ("logits", "age_logits", "ood_distance", "cam")
 
 
@@ -61,7 +62,8 @@ def tiny_vgg(size: int, seed: int = 0) -> keras.Model:
 
 
 def build_base(weights: str | None, size: int = INPUT_SIZE, arch: str = "vgg19") -> keras.Model:
-    """image (N, S, S, 1) in [0, 1] -> [block5_conv4 activations, block5_pool features], frozen.
+    """image (N, S, S, 1) in [0, 1] -> [block5_conv4 activations, block5_pool features, block4_pool
+    activations], frozen.
 
     In-graph steps: scale to 0..255, grey -> 3 channels, VGG "caffe" BGR mean subtraction.
     ``arch`` "vgg-tiny" swaps in :func:`tiny_vgg` (random weights only)."""
@@ -77,7 +79,8 @@ def build_base(weights: str | None, size: int = INPUT_SIZE, arch: str = "vgg19")
     )(x)
     vgg = (keras.applications.VGG19(include_top=False, weights=resolve_weights(weights), input_shape=(size, size, 3))
            if arch == "vgg19" else tiny_vgg(size))
-    vgg = keras.Model(vgg.input, [vgg.get_layer(CAM_LAYER).output, vgg.output], name="vgg19")
+    vgg = keras.Model(vgg.input, [vgg.get_layer(CAM_LAYER).output, vgg.output, vgg.get_layer(CUT_LAYER).output],
+                      name="vgg19")
     vgg.trainable = False
     return keras.Model(inp, vgg(x), name="base")
 
@@ -200,7 +203,7 @@ def assemble(base: keras.Model, head: keras.Model, age_head: keras.Model, means:
              whiten: np.ndarray) -> keras.Model:
     """base + heads -> image to {logits, age_logits, ood_distance, cam} (``OUTPUTS``)."""
     inp = keras.Input(base.input.shape[1:], name=INPUT_NAME)
-    conv4, pool = base(inp)
+    conv4, pool, _ = base(inp)
     pooled = keras.layers.GlobalAveragePooling2D(name="pooled")(pool)
     outputs = {
         "logits": keras.layers.Identity(name="logits")(head(pool)),

@@ -1,5 +1,6 @@
-"""``xray-edge train``: data roots -> honest split -> cached base features -> heads chosen by
-leave-one-origin-out -> age head, calibration, thresholds, abstain band, input gate ->
+"""``xray-edge train``: data roots -> honest split -> cached base features -> the recipe's model
+judged by the cross-origin protocol on every seed (``train.protocol``) -> the first seed's model
+fitted on every origin, with its age head, calibration, thresholds, abstain band and input gate ->
 model.keras, record.json, split.csv, metrics.json and plots.
 
 The pieces are shared with ``train.recipes``, which compares recipes on the same protocol.
@@ -21,17 +22,20 @@ import numpy as np
 
 from xray_edge import __version__
 from xray_edge.contract import AGE_GROUPS, Heatmap, ModelRecord, Outputs, Preprocessing, sha256_file
-from xray_edge.metrics import classification_report, expected_calibration_error, fit_temperature, softmax
-from xray_edge.train import crossorigin, data, features, heads, ood, report, split, thresholds
-from xray_edge.train.manifest import SPLITS, write_manifest
+from xray_edge.metrics import classification_report, expected_calibration_error, softmax
+from xray_edge.train import crossorigin, data, features, finetune, folds, ood, protocol, report, rules, split, thresholds
+from xray_edge.train.manifest import EXCLUDED, SPLITS, write_manifest
 from xray_edge.train.recipes import CHILD_ORIGINS, DEFAULT, FEATURE_CACHE, Recipe
 
-SELECTION_RULE = ("highest mean leave-one-origin-out macro-F1 (over the classes each held-out origin has); "
-                  "ties broken by the lower validation NLL")
+FEATURE_OUTPUTS = ("block5_pool", "block4_pool")  # what the base's ONNX runner gives, in order (train.features)
+
+SELECTION_RULE = ("recipes (train.recipes) are compared by the worst held-out origin's macro-F1 (over the classes "
+                  "it has), mean over seeds; origins whose masks trained the lung model are left out for lung-crop "
+                  "recipes; a recipe replaces the shipped one only when it gains more than the seed spread")
 THRESHOLD_RULE = ("on validation, calibrated probabilities, one-vs-rest for the finding classes (flag class c when "
                   "p_c >= t_c): COVID = largest threshold with sensitivity >= {s:.2f}; other findings = Youden's J")
 ABSTAIN_RULE = ("'uncertain, refer' when the top two calibrated probabilities are within the margin: the smallest "
-                "margin at which validation accuracy on the rest reaches {a:.2f} (abstaining on at most 25 %)")
+                "margin at which validation accuracy on the rest reaches {a:.2f} (abstaining on at most {m:.0%})")
 
 
 @dataclass
@@ -45,29 +49,34 @@ class TrainConfig:
     classes: list[str] | None = None
     child_origins: tuple[str, ...] = CHILD_ORIGINS
     size: int = 224
-    seed: int = 0
+    seed: int = 0  # the split and the augmentation draws
+    seeds: tuple[int, ...] = (0,)  # training seeds of the protocol; the shipped model is the first one's
     cache_dir: Path = FEATURE_CACHE
     recipe: Recipe = field(default_factory=lambda: DEFAULT)
-    heads: tuple[str, ...] = ("gap",)
     epochs: int = 40
     batch_size: int = 64
     lr: float | None = None  # None: heads.LEARNING_RATES per head
     patience: int = 6
-    fine_tune_epochs: int = 0
-    fine_tune_lr: float = 1e-5
+    fine_tune_epochs: int = 8
+    fine_tune_lr: float = 2e-5
+    fine_tune_batch: int = 32
+    fine_tune_patience: int = 2
     test_fraction: float = 0.33
     val_fraction: float = 0.15
     phash_hamming: int = 8
     ncc_threshold: float = 0.95
     covid_sensitivity: float = 0.95
     abstain_accuracy: float = 0.97
+    max_abstain: float = 0.25
     gate_quantile: float = 0.99
     n_boot: int = 1000
+    save_folds: bool = False  # write each fold's held-out features for the site simulation (train.sitesim)
 
 
 @dataclass
 class Dataset:
-    """The images of every data root, with labels, origins, age groups and the split."""
+    """The images of every data root, with labels, origins, age groups, the split and the known
+    label conflicts (never scored; trained on or not by recipe)."""
 
     images: list[data.Image]
     classes: list[str]
@@ -75,29 +84,8 @@ class Dataset:
     origins: np.ndarray
     age: np.ndarray  # index into AGE_GROUPS
     splits: np.ndarray
+    conflict: np.ndarray
     stats: dict[str, Any]
-
-
-@dataclass
-class Views:
-    """Cached base features of every view: the clean view of each image and the augmented views of
-    the training images."""
-
-    x: np.ndarray  # (V, h, w, K) float16
-    image: np.ndarray  # (V,) index into Dataset.images
-    view: np.ndarray  # (V,) 0 = clean
-    stats: dict[str, Any]
-
-    def pooled(self) -> np.ndarray:
-        """Global-average-pooled features (V, K) float32 (what the age head and the gate see)."""
-        return self.x.astype(np.float32).mean(axis=(1, 2))
-
-    def clean_rows(self) -> np.ndarray:
-        """The row of every image's clean view, by image index."""
-        clean = self.view == 0
-        rows = np.empty(int(clean.sum()), int)
-        rows[self.image[clean]] = np.flatnonzero(clean)
-        return rows
 
 
 @contextmanager
@@ -136,7 +124,8 @@ def _versions() -> dict[str, str]:
 
 def load_dataset(cfg: TrainConfig, manifest: Path) -> Dataset:
     """Scan, hash and decode every image, group duplicates/patients/studies and split by group,
-    stratified by class and origin; writes the split manifest to ``manifest``."""
+    stratified by class and origin; writes the split manifest to ``manifest`` (label conflicts
+    with split ``excluded``: export and benchmark never use them)."""
     listed, classes = data.list_images(cfg.data_dirs, cfg.classes, cfg.child_origins)
     images, bits, thumbs = data.scan(listed)
     groups, stats = split.group_images([im.path for im in images], [im.pixel_sha256 for im in images], bits, thumbs,
@@ -149,113 +138,68 @@ def load_dataset(cfg: TrainConfig, manifest: Path) -> Dataset:
     except ValueError as e:
         raise data.DatasetError(str(e)) from None
     write_manifest(manifest, ({"path": im.rel, "label": im.label, "origin": im.origin, "age_group": im.age_group,
-                               "source": im.source, "sha256": im.sha256, "group": f"g{g:05d}", "split": s}
+                               "source": im.source, "sha256": im.sha256, "group": f"g{g:05d}",
+                               "split": EXCLUDED if im.conflict else s}
                               for im, g, s in zip(images, groups, splits)))
     age = np.array([AGE_GROUPS.index(im.age_group) for im in images])
-    return Dataset(images, classes, labels, origins, age, splits, stats)
+    conflict = np.array([im.conflict for im in images], bool)
+    return Dataset(images, classes, labels, origins, age, splits, conflict, stats | {"label_conflicts": int(conflict.sum())})
 
 
-def base_runner(cfg: TrainConfig, ds: Dataset) -> tuple[Any, Callable[[np.ndarray], np.ndarray], str, dict[str, Any]]:
-    """The Keras base, an onnxruntime runner of its block5_pool output, its weights digest and the
-    check of the ONNX export against Keras on 4 validation images."""
+def base_runner(cfg: TrainConfig, ds: Dataset) -> tuple[Any, Callable[[np.ndarray], list[np.ndarray]], str, dict[str, Any]]:
+    """The Keras base, an onnxruntime runner of its (block5_pool, block4_pool) outputs
+    (``FEATURE_OUTPUTS``), its weights digest and the check of the ONNX export against Keras on 4
+    validation images."""
     from xray_edge.train.model import build_base, resolve_weights, to_onnx
 
     base = build_base(resolve_weights(cfg.weights) if cfg.arch == "vgg19" else None, cfg.size, cfg.arch)
     digest = features.weights_digest(base)
-    run_onnx = features.onnx_runner(to_onnx(base).SerializeToString(), output=1)
+    run_onnx = features.onnx_runner(to_onnx(base).SerializeToString(), outputs=(1, 2))
     spec = Preprocessing(size=cfg.size)
     probe = [ds.images[i] for i in np.flatnonzero(ds.splits == "val")[:4]]
     x = np.stack([features.view_input(im, 0, spec, cfg.seed) for im in probe])
-    check = features.compare(np.asarray(base.predict(x, verbose=0)[1]), run_onnx(x), 1e-4) | {"images": len(probe)}
+    reference = base.predict(x, verbose=0)
+    check = features.compare(np.asarray(reference[1]), run_onnx(x)[0], 1e-4) | {"images": len(probe)}
     if not check["passed"]:
         raise RuntimeError(f"ONNX export of the base disagrees with Keras: {check}")
     return base, run_onnx, digest, check
 
 
-def recipe_views(cfg: TrainConfig, ds: Dataset, recipe: Recipe, run_base, digest: str) -> Views:
-    """Features of every clean view and of ``recipe.aug_views`` augmented views per training image
-    by each augmentation of the recipe (``augment``: one name, or several joined by '+')."""
+def recipe_views(cfg: TrainConfig, ds: Dataset, recipe: Recipe, run_base, digest: str, base: Any = None) -> folds.Views:
+    """Cached base outputs of every clean view and of ``recipe.aug_views`` augmented views per
+    training image by each augmentation of the recipe (``augment``: one name, or several joined by
+    '+'); with the fine-tuned convolutions' inputs when the recipe fine-tunes (``base`` needed)."""
     spec = recipe.preprocessing(cfg.size)
     train = np.flatnonzero(ds.splits == "train")
-    parts = [features.extract(run_base, [(im, 0) for im in ds.images], spec, digest, cfg.seed, cfg.cache_dir,
-                              lung_box=recipe.lung_box())]
-    images, views = [np.arange(len(ds.images))], [np.zeros(len(ds.images), int)]
-    for name in recipe.augment.split("+") if recipe.aug_views else ():
-        for v in range(1, recipe.aug_views + 1):
-            parts.append(features.extract(run_base, [(ds.images[i], v) for i in train], spec, digest, cfg.seed,
-                                          cfg.cache_dir, name, recipe.lung_box()))
-            images.append(train)
-            views.append(np.full(len(train), v))
+    jobs = [([(im, 0) for im in ds.images], "geometric", np.arange(len(ds.images)), 0)]
+    kinds = [name for name in recipe.augment.split("+") for _ in range(recipe.aug_views)] if recipe.aug_views else []
+    for k, name in enumerate(kinds, start=1):
+        jobs.append(([(ds.images[i], 1 + (k - 1) % recipe.aug_views) for i in train], name, train, k))
+
+    def outputs(job: tuple, name: str) -> tuple[np.ndarray, dict[str, Any]]:
+        got, stats = features.extract(run_base, FEATURE_OUTPUTS, job[0], spec, digest, cfg.seed, cfg.cache_dir, job[1],
+                                      recipe.lung_box(), load=(name,))
+        return got[name], stats
+
+    parts = [outputs(job, FEATURE_OUTPUTS[0]) for job in jobs]
     stats = {k: sum(p[1][k] for p in parts) for k in ("views", "computed", "from_cache", "compute_seconds")}
-    return Views(np.concatenate([p[0] for p in parts]), np.concatenate(images), np.concatenate(views),
-                 stats | {"augment": recipe.augment, "aug_views": recipe.aug_views})
+    top_in = None
+    if recipe.fine_tune:  # one job's block4_pool in memory at a time, turned into the fine-tuned convolutions' input
+        from xray_edge.train.finetune import frozen_inputs
 
-
-def head_fitter(cfg: TrainConfig, ds: Dataset, views: Views, kind: str, by_origin: bool,
-                histories: dict[str, Any] | None = None) -> crossorigin.FitFn:
-    """A function (train images, val images) -> predictor of calibrated-free class probabilities
-    for any set of images, training a ``kind`` head on the views of those images."""
-    row_of = views.clean_rows()
-    y_view = ds.labels[views.image]
-
-    def fit(train: np.ndarray, val: np.ndarray):
-        rows = np.flatnonzero(train[views.image])
-        vrows = row_of[np.flatnonzero(val)]
-        w = heads.sample_weights(y_view[rows], ds.origins[views.image[rows]], by_origin)
-        wv = heads.sample_weights(y_view[vrows], ds.origins[views.image[vrows]], by_origin)
-        head, hist = heads.train_head(kind, views.x[rows], y_view[rows], views.x[vrows], y_view[vrows],
-                                      len(ds.classes), seed=cfg.seed, epochs=cfg.epochs, batch_size=cfg.batch_size,
-                                      lr=cfg.lr or heads.LEARNING_RATES[kind], patience=cfg.patience,
-                                      w_train=w, w_val=wv)
-        if histories is not None:
-            histories[kind] = hist
-        fit.head = head  # the last head trained (the final model's, when called last)
-        return lambda mask: softmax(heads.predict_logits(head, views.x[row_of[np.flatnonzero(mask)]]))
-
-    return fit
-
-
-def age_fitter(cfg: TrainConfig, ds: Dataset, views: Views) -> Callable[[np.ndarray, np.ndarray], Any]:
-    """Like ``head_fitter`` for the age head (on pooled features, every training view)."""
-    pooled = views.pooled()
-    row_of = views.clean_rows()
-
-    def fit(train: np.ndarray, val: np.ndarray):
-        rows, vrows = np.flatnonzero(train[views.image]), row_of[np.flatnonzero(val)]
-        head = heads.train_age_head(pooled[rows], ds.age[views.image[rows]], pooled[vrows], ds.age[views.image[vrows]],
-                                    seed=cfg.seed)
-        fit.head = head
-        return lambda mask: softmax(heads.predict_logits(head, pooled[row_of[np.flatnonzero(mask)]]))
-
-    return fit
-
-
-def evaluate_recipe(cfg: TrainConfig, ds: Dataset, views: Views, recipe: Recipe, kind: str,
-                    histories: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Internal validation/test figures and leave-one-origin-out of one recipe and head kind."""
-    fit = head_fitter(cfg, ds, views, kind, recipe.origin_weights, histories)
-    looo = crossorigin.leave_one_origin_out(fit, ds.labels, ds.origins, ds.splits, ds.classes)
-    predict = fit(ds.splits == "train", ds.splits == "val")  # last: fit.head is the all-origin head
-    probs = {s: predict(ds.splits == s) for s in ("val", "test")}
-    y = {s: ds.labels[ds.splits == s] for s in ("val", "test")}
-    return {
-        "recipe": recipe.name,
-        "head": kind,
-        "internal": {s: crossorigin.fold_report(y[s], probs[s], ds.classes) for s in ("val", "test")},
-        "val_nll": heads.nll(probs["val"], y["val"]),
-        "looo": looo,
-        "_fit": fit,
-        "_probs": probs,
-    }
-
-
-def choose_head(candidates: dict[str, dict[str, Any]]) -> str:
-    """The head kind with the best mean leave-one-origin-out macro-F1 (``SELECTION_RULE``)."""
-    return max(candidates, key=lambda k: (candidates[k]["looo"]["mean_macro_f1"] or 0, -candidates[k]["val_nll"]))
+        starts = np.cumsum([0, *(len(job[0]) for job in jobs)])
+        for job, start in zip(jobs, starts):
+            x = frozen_inputs(base, recipe.fine_tune, outputs(job, FEATURE_OUTPUTS[1])[0])
+            top_in = np.empty((starts[-1], *x.shape[1:]), np.float16) if top_in is None else top_in
+            top_in[start:start + len(x)] = x
+    return folds.Views(np.concatenate([p[0] for p in parts]), np.concatenate([images for _, _, images, _ in jobs]),
+                       np.concatenate([np.full(len(images), k) for _, _, images, k in jobs]),
+                       stats | {"augment": recipe.augment, "aug_views": recipe.aug_views}, top_in)
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Train, evaluate and write every output into ``cfg.out``; returns the metrics dict."""
+    """Train, evaluate by the protocol on every seed and write every output into ``cfg.out``;
+    returns the metrics dict."""
     t_start = time.perf_counter()
     load_start = os.getloadavg()
     data.list_images(cfg.data_dirs, cfg.classes, cfg.child_origins)  # refuse bad data before importing TF
@@ -277,122 +221,91 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     with stage(timings, "onnx_export_and_check"):
         base, run_base, digest, onnx_check = base_runner(cfg, ds)
     with stage(timings, "features"):
-        views = recipe_views(cfg, ds, recipe, run_base, digest)
+        views = recipe_views(cfg, ds, recipe, run_base, digest, base)
+    seeds = []
+    for seed in cfg.seeds:
+        with stage(timings, f"protocol_seed_{seed}"):
+            seeds.append(protocol.evaluate_seed(cfg, ds, views, recipe, seed, base,
+                                                cfg.out / "folds" if cfg.save_folds else None))
+    final = seeds[0]["_final"]
+    for name, history in final.history.items():
+        report.write_history(cfg.out / f"history_{name}.csv", history)
 
-    histories: dict[str, Any] = {}
-    candidates = {}
-    for kind in cfg.heads:
-        with stage(timings, f"heads_{kind}_with_looo"):
-            candidates[kind] = evaluate_recipe(cfg, ds, views, recipe, kind, histories)
-    chosen = choose_head(candidates)
-    result = candidates[chosen]
-    head = result["_fit"].head
-    for kind in cfg.heads:
-        report.write_history(cfg.out / f"history_{kind}.csv", histories[kind])
-
-    pooled = views.pooled()
-    rows_of = views.clean_rows()
-    split_rows = {s: rows_of[ds.splits == s] for s in SPLITS}  # clean views, in image order
-    with stage(timings, "age_head_gate"):
-        age_fit = age_fitter(cfg, ds, views)
-        for o, ages in crossorigin.age_by_origin(age_fit, ds.labels, ds.origins, ds.splits, ds.age,
-                                                  len(ds.classes)).items():
-            result["looo"]["origins"][o]["age"] = ages
-        age_predict = age_fit(ds.splits == "train", ds.splits == "val")
-        age_head = age_fit.head
-        means, whiten = ood.fit_mahalanobis(pooled[split_rows["train"]], ds.labels[views.image[split_rows["train"]]],
-                                            len(ds.classes))
-        val_distance = ood.distances(pooled[split_rows["val"]], means, whiten)
-        gate = ood.calibrate(val_distance, cfg.gate_quantile)
-        for o, rate in crossorigin.gate_by_origin(pooled[rows_of], ds.labels, ds.origins, ds.splits,
-                                                  len(ds.classes), cfg.gate_quantile).items():
-            result["looo"]["origins"][o]["gate_rejection_rate"] = rate
-
-    if cfg.fine_tune_epochs:
-        from xray_edge.train.finetune import fine_tune
-
-        with stage(timings, "fine_tune_block5"):
-            img = {s: np.stack([features.view_input(ds.images[i], v, spec, cfg.seed, recipe.augment, recipe.lung_box())
-                                for i, v in zip(views.image[r], views.view[r])])
-                   for s, r in (("train", np.flatnonzero(ds.splits[views.image] == "train")),
-                                ("val", split_rows["val"]), ("test", split_rows["test"]))}
-            y_img = {s: ds.labels[views.image[r]] for s, r in (("train", np.flatnonzero(ds.splits[views.image] == "train")),
-                                                               ("val", split_rows["val"]), ("test", split_rows["test"]))}
-            histories["finetune"] = fine_tune(base, head, img["train"], y_img["train"], img["val"], y_img["val"],
-                                              len(ds.classes), epochs=cfg.fine_tune_epochs, batch_size=cfg.batch_size,
-                                              lr=cfg.fine_tune_lr, seed=cfg.seed)
-            report.write_history(cfg.out / "history_finetune.csv", histories["finetune"])
-            tuned = keras.Model(base.input, head(base.output[1]))
-            logits = {s: np.asarray(tuned.predict(img[s], batch_size=16, verbose=0), np.float64) for s in ("val", "test")}
-    else:
-        logits = {s: heads.predict_logits(head, views.x[split_rows[s]]) for s in ("val", "test")}
-
-    y = {s: ds.labels[ds.splits == s] for s in ("val", "test")}
-    with stage(timings, "calibration_thresholds_reports"):
-        temperature = fit_temperature(logits["val"], y["val"])
-        probs = {s: softmax(logits[s], temperature) for s in ("val", "test")}
-        chosen_thresholds = thresholds.choose_thresholds(probs["val"], y["val"], ds.classes, cfg.covid_sensitivity)
-        margin = thresholds.choose_abstain_margin(probs["val"], y["val"], cfg.abstain_accuracy)
+    idx = {s: np.flatnonzero((ds.splits == s) & ~ds.conflict) for s in SPLITS}
+    with stage(timings, "rules_age_head_reports"):
+        if recipe.fine_tune:
+            tuned_layers = finetune.apply(base, final.top)
+        pooled = final.pooled(np.arange(len(ds.images)))
+        logits = {s: final.logits(idx[s]) for s in ("val", "test")}
+        y = {s: ds.labels[idx[s]] for s in SPLITS}
+        fitted = rules.fit_rules(logits["val"], y["val"], pooled[idx["train"]], y["train"], pooled[idx["val"]],
+                                 ds.classes, cfg.covid_sensitivity, cfg.abstain_accuracy, cfg.max_abstain,
+                                 cfg.gate_quantile)
+        probs = {s: softmax(logits[s], fitted.temperature) for s in ("val", "test")}
+        age_fit = folds.age_fitter(ds, pooled, cfg.seeds[0])
+        age_head, age_predict = age_fit(ds.splits == "train", ds.splits == "val")
+        age_looo = crossorigin.age_by_origin(lambda tr, va: _mask_predictor(age_fit(tr, va)[1]), ds.labels, ds.origins,
+                                             ds.splits, ds.age, len(ds.classes))
         reports = {s: classification_report(y[s], probs[s], ds.classes, n_boot=cfg.n_boot, seed=cfg.seed)
                    for s in ("val", "test")}
-        operating = thresholds.operating_points(probs["test"], y["test"], ds.classes, chosen_thresholds,
+        operating = thresholds.operating_points(probs["test"], y["test"], ds.classes, fitted.thresholds,
                                                 n_boot=cfg.n_boot, seed=cfg.seed)
-        abstain = thresholds.abstain_effect(probs["test"], y["test"], ds.classes, chosen_thresholds, margin)
-        age_test = age_predict(ds.splits == "test")
-        report.plot_curves({k: h for k, h in histories.items()}, cfg.out / "curves.png")
+        abstain = thresholds.abstain_effect(probs["test"], y["test"], ds.classes, fitted.thresholds,
+                                            fitted.abstain_margin)
+        report.plot_curves(final.history, cfg.out / "curves.png")
         report.plot_confusion(reports["test"]["confusion_matrix"], ds.classes, cfg.out / "confusion_test.png",
-                              f"test split (n={len(y['test'])}), head={chosen}")
-
-    with stage(timings, "normal_probe"):
-        probe = crossorigin.normal_probe(head_fitter(cfg, ds, views, chosen, recipe.origin_weights), ds.labels,
-                                         ds.origins, ds.splits, ds.classes)
+                              f"test split (n={len(y['test'])}), head={recipe.head}")
 
     with stage(timings, "save_and_check_model"):
-        model = assemble(base, head, age_head, means, whiten)
+        normals = idx["train"][y["train"] == ds.classes.index("NORMAL")] if "NORMAL" in ds.classes else idx["train"]
+        model = assemble(base, final.head, age_head, fitted.means, fitted.whiten)
         model_path = cfg.out / "model.keras"
         model.save(model_path)
         reloaded = keras.saving.load_model(model_path, compile=False)
         x_check = np.stack([features.view_input(ds.images[i], 0, spec, cfg.seed, lung_box=recipe.lung_box())
-                            for i in np.flatnonzero(ds.splits == "test")[:4]])
+                            for i in idx["test"][:4]])
         got = reloaded.predict(x_check, verbose=0)
         model_check = features.compare(logits["test"][:4], np.asarray(got["logits"], np.float64), 1e-2)
         model_check["note"] = "reloaded model.keras logits vs the evaluated path (ONNX base, float16 feature cache)"
         model_check["ood_distance_relative_diff"] = float(np.max(np.abs(
-            got["ood_distance"] - ood.distances(pooled[split_rows["test"][:4]], means, whiten))) / gate.threshold)
+            got["ood_distance"] - ood.distances(pooled[idx["test"][:4]], fitted.means, fitted.whiten)))
+            / fitted.gate.threshold)
 
     timings["total"] = round(time.perf_counter() - t_start, 1)
+    looo_summary = protocol.summary(seeds)
     metrics = {
         "seed": cfg.seed,
+        "seeds": list(cfg.seeds),
         "config": _jsonable(asdict(cfg)),
         "recipe": recipe.describe(),
         "versions": _versions(),
         "machine": {"cpus": os.cpu_count(), "loadavg_1_5_15_start": load_start, "loadavg_1_5_15_end": os.getloadavg()},
         "data": {"roots": [str(p) for p in cfg.data_dirs], "classes": ds.classes, "images": len(ds.images),
                  "by_origin": _counts(ds), "split_counts": _split_counts(ds), "grouping": ds.stats,
+                 "label_conflicts": {"n": int(ds.conflict.sum()), "trained_on": not recipe.drop_conflicts,
+                                     "scored": False},
                  "manifest": "split.csv", "manifest_sha256": manifest_sha},
         "onnx_feature_check": onnx_check,
         "features": views.stats,
-        "heads": {k: {"looo_mean_macro_f1": c["looo"]["mean_macro_f1"], "val_nll": c["val_nll"],
-                      "val_macro_f1": c["internal"]["val"]["macro_f1_present"]} for k, c in candidates.items()},
-        "selected_head": chosen,
         "selection_rule": SELECTION_RULE,
-        "leave_one_origin_out": result["looo"],
-        "fine_tune_epochs_run": len(histories["finetune"]["loss"]) if "finetune" in histories else 0,
-        "temperature": temperature,
+        "protocol": {"summary": looo_summary, "per_seed": [{k: v for k, v in s.items() if k != "_final"} for s in seeds],
+                     "age_by_origin": age_looo, "note": protocol.__doc__.strip().split("\n\n")[0]},
+        "fine_tune": ({"convolutions": tuned_layers, "epochs_run": len(final.history["fine_tune"]["loss"])}
+                      if recipe.fine_tune else None),
+        "temperature": fitted.temperature,
         "ece": {s: {"before": expected_calibration_error(softmax(logits[s]), y[s]),
                     "after": expected_calibration_error(probs[s], y[s])} for s in ("val", "test")},
-        "thresholds": chosen_thresholds,
+        "thresholds": fitted.thresholds,
         "threshold_rule": THRESHOLD_RULE.format(s=cfg.covid_sensitivity),
-        "abstain_margin": margin,
-        "abstain_rule": ABSTAIN_RULE.format(a=cfg.abstain_accuracy),
+        "abstain_margin": fitted.abstain_margin,
+        "abstain_rule": ABSTAIN_RULE.format(a=cfg.abstain_accuracy, m=cfg.max_abstain),
         "test_abstain_effect": abstain,
         "test_operating_points": operating,
         "test": reports["test"],
         "val": reports["val"],
-        "test_by_age_group": crossorigin.by_age_group(y["test"], probs["test"], ds.age[ds.splits == "test"], ds.classes),
-        "age_head_test": crossorigin.fold_report(ds.age[ds.splits == "test"], age_test, list(AGE_GROUPS)),
-        "gate": asdict(gate),
-        "normal_probe": probe,
+        "test_by_age_group": crossorigin.by_age_group(y["test"], probs["test"], ds.age[idx["test"]], ds.classes),
+        "age_head_test": crossorigin.fold_report(ds.age[idx["test"]], age_predict(idx["test"]), list(AGE_GROUPS)),
+        "gate": asdict(fitted.gate),
         "shipped_model_check": model_check,
         "timings_seconds": timings,
     }
@@ -402,12 +315,18 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     record = ModelRecord(
         classes=ds.classes, preprocessing=spec, model_version=__version__, input_shape=["N", cfg.size, cfg.size, 1],
         outputs=Outputs(age_logits="age_logits", ood_distance="ood_distance", cam="cam"),
-        temperature=temperature, thresholds=chosen_thresholds, abstain_margin=margin, seen_age_groups=seen,
-        gate=gate, heatmap=Heatmap(layer="block5_conv4"), source_model_sha256=sha256_file(model_path),
-        data_manifest_sha256=manifest_sha, metrics=record_metrics(metrics))
+        temperature=fitted.temperature, thresholds=fitted.thresholds, abstain_margin=fitted.abstain_margin,
+        seen_age_groups=seen, gate=fitted.gate, heatmap=Heatmap(layer="block5_conv4"),
+        source_model_sha256=sha256_file(model_path), data_manifest_sha256=manifest_sha,
+        metrics=record_metrics(metrics))
     record.validate(str(cfg.out / "record.json"))
     (cfg.out / "record.json").write_text(json.dumps(record.to_dict(), indent=2))
     return metrics
+
+
+def _mask_predictor(predict: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """An image-index predictor as a mask predictor (``crossorigin``'s interface)."""
+    return lambda mask: predict(np.flatnonzero(mask))
 
 
 def _jsonable(value: Any) -> Any:
@@ -430,12 +349,16 @@ def _split_counts(ds: Dataset) -> dict[str, dict[str, int]]:
 def record_metrics(m: dict[str, Any]) -> dict[str, Any]:
     """The short summary stored in the model record (full figures stay in metrics.json)."""
     t = m["test"]
-    looo = m["leave_one_origin_out"]
-    return {"split": "test", "n": t["n"], "head": m["selected_head"], "accuracy": t["accuracy"],
+    summary = m["protocol"]["summary"]
+    return {"split": "test", "n": t["n"], "head": m["recipe"]["head"], "accuracy": t["accuracy"],
             "macro_f1": t["macro_f1"], "macro_auroc": t["macro_auroc"],
             "sensitivity": {c: v["sensitivity"] for c, v in t["per_class"].items()},
             "specificity": {c: v["specificity"] for c, v in t["per_class"].items()},
-            "cross_origin": {"mean_macro_f1": looo["mean_macro_f1"],
-                             "origins": {o: {"n": f["n"], "macro_f1": f["macro_f1_present"]}
-                                         for o, f in looo["origins"].items()}},
+            "cross_origin": {"seeds": summary["seeds"], "criterion_origins": summary["criterion_origins"],
+                             "worst_origin_macro_f1": summary["worst_origin_macro_f1"]["mean"],
+                             "origins": {o: {"n": m["protocol"]["per_seed"][0]["looo"][o]["n"],
+                                             "macro_f1": f["macro_f1"]["mean"],
+                                             "auroc_covid_vs_normal": f["auroc_covid_vs_normal"]["mean"],
+                                             "sent_back": f["sent_back"]["mean"]}
+                                         for o, f in summary["origins"].items()}},
             "ece_before_temperature": m["ece"]["test"]["before"], "ece_after_temperature": m["ece"]["test"]["after"]}
