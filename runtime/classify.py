@@ -72,8 +72,16 @@ def classify(
         "--report", metavar="FILE.html",
         help="Write a self-contained visual report (summary, pictures, probabilities, decisions, "
              "rejected and failed files) (default: none).")] = None,
+    site: Annotated[Optional[Path], typer.Option(
+        "--site", metavar="FILE", envvar="XRAY_EDGE_SITE", show_envvar=True,
+        help="Apply this site profile (from `xray-edge calibrate`, fitted for this model) (default: none).")] = None,
     quiet: Annotated[bool, typer.Option(
         "--quiet", "-q", metavar="", help="No progress on stderr (default: progress shown).")] = False,
+    ray: Annotated[Optional[str], typer.Option(
+        "--ray", metavar="ADDRESS",
+        help="Classify on a Ray cluster (extra [scale]; needs --output): 'local' starts one on this machine, "
+             "'auto' joins the running one, else HOST:PORT. A PATH may also be a text file listing image paths, "
+             "one per line (default: this machine, without Ray).")] = None,
 ) -> None:
     """Screen chest X-ray images (PNG, JPEG, BMP, TIFF, DICOM) for COVID-19 / viral pneumonia."""
     import cv2
@@ -95,14 +103,23 @@ def classify(
     elif resume:
         _usage("--resume needs --output (the results file to continue)")
     cores = available_cores()
+    model_args = {"model": model, "site": site or None}  # how the model is opened, here and by every --ray actor
     try:
-        loaded = open_model(model, min(threads, cores))
+        loaded = open_model(**model_args, threads=min(threads, cores))
     except ModelContractError as e:
         _usage(str(e))
     if (heatmaps or report) and (loaded.record.outputs.cam is None or loaded.record.heatmap is None):
         _usage(f"{loaded.path} has no heatmap output (cam); --heatmaps and --report need a model exported with one")
     if report is not None and (report.suffix.lower() not in (".html", ".htm") or report.is_dir()):
         _usage(f"--report must name an .html file, got '{report}'")
+    if ray is not None:
+        from .extras import require
+
+        require("scale", "ray", "pyarrow")
+        from .scale import classify_on_ray
+
+        raise typer.Exit(classify_on_ray(ray, paths, recursive, model_args, loaded, output, resume, quiet,
+                                         batch_size, threads, max_pixels, heatmaps, report))
     try:
         files, skipped, unlisted = find_images(paths, recursive)
     except FileNotFoundError as e:
@@ -119,7 +136,7 @@ def classify(
             rows, kept, elapsed = _run(loaded, files, output, resume, quiet, batch_size,
                                        min(workers, cores) or None, max_pixels, heatmaps, gallery)
             if gallery is not None:
-                html = render(kept + rows, gallery.pictures(), loaded.record, loaded.label, DISCLAIMER)
+                html = render(kept + rows, gallery.pictures(), loaded.record, described(loaded), DISCLAIMER)
                 write_atomic(report, html.encode("utf-8", "surrogateescape"))
     except OutputError as e:
         _usage(str(e))
@@ -132,7 +149,7 @@ def classify(
         typer.echo(format_table(shown, loaded.classes))
     if len(shown) < len(rows):
         say(f"... {len(rows) - len(shown)} more rows in {output}")
-    say(summary(rows, elapsed, kept, skipped, output, heatmaps, report))
+    say(summary(rows, elapsed, kept, skipped, output, heatmaps, report, loaded.site))
     typer.echo(DISCLAIMER)
     raise typer.Exit(1 if not_classified or unlisted else 0)
 
@@ -220,6 +237,11 @@ def _resume(output: Path, model: LoadedModel, files: list[str]) -> tuple[list[di
     if others:
         _usage(f"{output} holds results of another model ({', '.join(sorted(others))}), "
                f"not {model.label}; choose another --output")
+    site = model.site.label if model.site is not None else ""
+    other_sites = {r["site"] for r in keep} - {site}
+    if other_sites:
+        _usage(f"{output} holds results with another site profile ({', '.join(sorted(s or 'none' for s in other_sites))}), "
+               f"not {site or 'none'}; choose another --output")
     done = {os.path.abspath(r["path"]) for r in keep}
     return keep, [f for f in files if f not in done]
 
@@ -232,10 +254,10 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-def open_model(model: Path | None = None, threads: int = 0) -> LoadedModel:
+def open_model(model: Path | None = None, threads: int = 0, site: Path | None = None) -> LoadedModel:
     """The model to classify with: ``model``, else the one shipped with this install (its sha256
-    pinned); every check of ``session.load_model``. ModelContractError (one line) if there is none
-    or it cannot be used."""
+    pinned); every check of ``session.load_model``; with ``site``, that site profile applied
+    (``site.apply``). ModelContractError (one line) if there is none or it cannot be used."""
     from .contract import ModelContractError
     from .session import load_model
 
@@ -244,7 +266,12 @@ def open_model(model: Path | None = None, threads: int = 0) -> LoadedModel:
         raise ModelContractError("no --model given and no model is shipped with this install; create one with "
                                  "`xray-edge train` then `xray-edge export`, and pass it with --model PATH")
     model_path, pinned = (model, None) if model else shipped
-    return load_model(model_path, threads, expected_sha256=pinned)
+    loaded = load_model(model_path, threads, expected_sha256=pinned)
+    if site is None:
+        return loaded
+    from .site import apply, read_profile
+
+    return apply(loaded, read_profile(site), site)
 
 
 def shipped_model() -> tuple[Path, str | None] | None:
@@ -325,20 +352,33 @@ def format_table(rows: list[dict[str, Any]], classes: list[str]) -> str:
     return "\n".join(lines)
 
 
+def described(model: LoadedModel) -> str:
+    """The model, and the site profile applied if any (report header)."""
+    return model.label + (f"; site profile {model.site.label}" if model.site is not None else "")
+
+
 def summary(rows: list[dict[str, Any]], seconds: float, kept: list[dict[str, Any]], skipped: int,
-            output: Path | None, heatmaps: Path | None = None, report: Path | None = None) -> str:
-    counts = Counter(r["decision"] for r in rows)
-    labels = Counter(r["label"] for r in rows if r["status"] == "ok")
+            output: Path | None, heatmaps: Path | None = None, report: Path | None = None, site: Any = None) -> str:
+    return summary_of(Counter(r["decision"] for r in rows), Counter(r["label"] for r in rows if r["status"] == "ok"),
+                      seconds, len(kept), skipped, output, heatmaps, report, site)
+
+
+def summary_of(counts: Counter[str], labels: Counter[str], seconds: float, kept: int, skipped: int,
+               output: Path | None, heatmaps: Path | None = None, report: Path | None = None,
+               site: Any = None) -> str:
+    """``summary`` from counts: files per decision, classified files per most likely class."""
+    files = sum(counts.values())
     parts = [f"{counts['positive'] + counts['negative'] + counts['uncertain']} classified "
              f"({', '.join(f'{counts[d]} {d}' for d in ('positive', 'uncertain', 'negative'))}), "
              f"{counts['rejected']} rejected, {counts['error']} failed in {seconds:.1f} s"
-             + (f" ({len(rows) / seconds:.1f} images/s)" if rows and seconds > 0 else "")]
+             + (f" ({files / seconds:.1f} images/s)" if files and seconds > 0 else "")]
     if labels:
         parts.append("most likely " + ", ".join(f"{label} {n}" for label, n in sorted(labels.items())))
     if kept:
-        parts.append(f"{len(kept)} already done in {output} (resumed)")
+        parts.append(f"{kept} already done in {output} (resumed)")
     if skipped:
         parts.append(f"{skipped} non-image files skipped")
+    parts.append(f"site profile: {site.label}" if site is not None else "no site profile")
     parts += [f"{what}: {path}" for what, path in (("results", output), ("heatmaps", heatmaps), ("report", report))
               if path is not None]
     return "; ".join(parts)

@@ -12,7 +12,8 @@ import typer
 
 # subcommand -> (module, function)
 COMMANDS = {"classify": ("xray_edge.classify", "classify"), "train": ("xray_edge.train.cli", "train"),
-            "export": ("xray_edge.export.command", "export"), "benchmark": ("xray_edge.benchmarks.cli", "benchmark")}
+            "export": ("xray_edge.export.command", "export"), "benchmark": ("xray_edge.benchmarks.cli", "benchmark"),
+            "serve": ("xray_edge.node.command", "serve"), "calibrate": ("xray_edge.calibrate", "calibrate")}
 HELP = "Chest X-ray screening on cheap hardware (research aid, not a diagnostic device)."
 
 

@@ -16,7 +16,7 @@ from .contract import ModelRecord
 
 ORDER = {"positive": 0, "uncertain": 1, "negative": 2}
 MAX_CARDS = 400  # pictures kept for the report; further rows are listed in a table
-_CSS = """
+CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f4f5f7;color:#1d2330}
 header{background:#1d2330;color:#fff;padding:16px 24px}header h1{margin:0 0 4px;font-size:20px}
 .disclaimer{background:#fff3cd;border-left:5px solid #e0a800;padding:10px 24px;margin:0}
@@ -50,9 +50,9 @@ def _figures(record: ModelRecord) -> str:
         value = (m.get(key) or {}).get("value") if isinstance(m.get(key), dict) else None
         if value is not None:
             parts.append(f"{name} {value:.3f}")
-    cross = (m.get("cross_origin") or {}).get("mean_macro_f1")
-    if cross is not None:
-        parts.append(f"macro-F1 on collections it was not trained on (leave-one-origin-out) {cross:.3f}")
+    cross = (m.get("cross_origin") or {}).get("worst_origin_macro_f1")
+    if isinstance(cross, (int, float)):
+        parts.append(f"macro-F1 on the worst collection it was not trained on (leave-one-origin-out) {cross:.3f}")
     return "; ".join(parts) or "no figures in the model record"
 
 
@@ -92,18 +92,26 @@ def _flags(row: dict[str, Any]) -> list[str]:
     return flagged.split(";") if isinstance(flagged, str) and flagged else list(flagged or [])
 
 
-def _card(row: dict[str, Any], classes: Sequence[str], pictures: tuple[bytes, bytes | None]) -> str:
-    thumb, heat = pictures
+def card(row: dict[str, Any], classes: Sequence[str], sources: tuple[str, str | None], title: str | None = None) -> str:
+    """One image's card: ``sources`` are the thumbnail's and the heatmap's image addresses (the
+    report inlines them as data: URIs; the node's worklist links them); ``title`` is its heading
+    (default: the row's path)."""
+    thumb, heat = sources
     bars = "".join(
         f'<div class="bar"><span>{_e(c)} {_p(row, c):.3f}</span>'
         f'<div style="width:{max(1, round(200 * _p(row, c)))}px"></div></div>' for c in classes)
     flagged = ", ".join(_flags(row)) or "none"
     warning = f'<div class="warn">&#9888; {_e(row["warning"])}</div>' if row.get("warning") else ""
-    heat_img = f'<img alt="heatmap" src="{data_uri(heat)}">' if heat else ""
-    return (f'<div class="card"><h3>{_e(row["path"])}</h3><div class="pics"><img alt="X-ray" src="{data_uri(thumb)}">'
+    heat_img = f'<img alt="heatmap" src="{_e(heat)}">' if heat else ""
+    return (f'<div class="card"><h3>{_e(row["path"] if title is None else title)}</h3><div class="pics">'
+            f'<img alt="X-ray" src="{_e(thumb)}">'
             f'{heat_img}</div><p><span class="badge {row["decision"]}">{_e(row["decision"])}</span>'
             f'most likely <b>{_e(row["label"])}</b>; flagged: {_e(flagged)}'
             f'{"; looks " + _e(row["age_group"]) if row.get("age_group") else ""}</p>{bars}{warning}</div>')
+
+
+def _inlined(thumb: bytes, heat: bytes | None) -> tuple[str, str | None]:
+    return data_uri(thumb), data_uri(heat) if heat else None
 
 
 def render(rows: Sequence[dict[str, Any]], pictures: dict[str, tuple[bytes, bytes | None]], record: ModelRecord,
@@ -117,7 +125,7 @@ def render(rows: Sequence[dict[str, Any]], pictures: dict[str, tuple[bytes, byte
     summary = "".join(f"<tr><td>{_e(k)}</td><td>{v}</td></tr>" for k, v in
                       [*((f"decision: {d}", decisions[d]) for d in (*ORDER, "rejected", "error") if decisions[d]),
                        *((f"most likely: {c}", labels[c]) for c in classes if labels[c])])
-    cards = "".join(_card(r, classes, pictures[r["path"]]) for r in ok if r["path"] in pictures)
+    cards = "".join(card(r, classes, _inlined(*pictures[r["path"]])) for r in ok if r["path"] in pictures)
     unpictured = [r for r in ok if r["path"] not in pictures]
     listed = "".join(f'<tr><td>{_e(r["path"])}</td><td><span class="badge {r["decision"]}">{_e(r["decision"])}</span></td>'
                      f'<td>{_e(r["label"])}</td><td>{_e(", ".join(_flags(r)))}</td><td>{_e(r.get("warning", ""))}</td></tr>'
@@ -127,7 +135,7 @@ def render(rows: Sequence[dict[str, Any]], pictures: dict[str, tuple[bytes, byte
     rec = record
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>xray-edge report</title>
-<meta name="viewport" content="width=device-width,initial-scale=1"><style>{_CSS}</style></head><body>
+<meta name="viewport" content="width=device-width,initial-scale=1"><style>{CSS}</style></head><body>
 <header><h1>xray-edge screening report</h1>
 <div>{len(rows)} files, {time.strftime('%Y-%m-%d %H:%M')}; model {_e(model_label)}</div></header>
 <p class="disclaimer"><b>{_e(disclaimer)}</b> Heatmaps show the regions that raised the most likely class's score

@@ -130,7 +130,7 @@ STATUSES = ("ok", "rejected", "error")  # classified; refused by the input gate;
 
 def columns(classes: Iterable[str]) -> list[str]:
     return ["path", "status", "decision", "label", *[f"p_{c}" for c in classes], "flagged", "age_group", "warning",
-            "gate_score", "reason", "heatmap", "ms", "model"]
+            "gate_score", "reason", "heatmap", "ms", "model", "site"]
 
 
 def make_row(result: Result, model: LoadedModel, decision: Decision | None, heatmap: str = "") -> dict[str, Any]:
@@ -148,7 +148,8 @@ def make_row(result: Result, model: LoadedModel, decision: Decision | None, heat
             "flagged": decision.flagged if classified else [], "age_group": decision.age_group if classified else "",
             "warning": "; ".join(w for w in (decision.warning, result.note) if w) if classified else "",
             "gate_score": None if decision is None or decision.gate_score is None else round(decision.gate_score, 3),
-            "reason": reason, "heatmap": heatmap, "ms": round(result.ms, 1), "model": model.label}
+            "reason": reason, "heatmap": heatmap, "ms": round(result.ms, 1), "model": model.label,
+            "site": model.site.label if model.site is not None else ""}
 
 
 def read_previous(output: Path, classes: list[str]) -> list[dict[str, Any]]:

@@ -21,6 +21,7 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -36,9 +37,10 @@ class LoadedModel:
     """An onnxruntime session together with the record it was exported with."""
 
     session: ort.InferenceSession
-    record: ModelRecord
+    record: ModelRecord  # with a site profile: its thresholds and gate limit (``site.apply``)
     path: Path
     sha256: str
+    site: Any = None  # the ``site.SiteProfile`` applied, if any
 
     @property
     def classes(self) -> list[str]:

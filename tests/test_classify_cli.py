@@ -23,7 +23,7 @@ from xray_edge.session import load_model, predict_proba
 SIZE = 32
 CLASSES = ["COVID", "NORMAL", "VIRAL_PNEUMONIA"]
 COLUMNS = ["path", "status", "decision", "label", "p_COVID", "p_NORMAL", "p_VIRAL_PNEUMONIA", "flagged", "age_group",
-           "warning", "gate_score", "reason", "heatmap", "ms", "model"]
+           "warning", "gate_score", "reason", "heatmap", "ms", "model", "site"]
 THRESHOLDS = {"COVID": 0.01, "VIRAL_PNEUMONIA": 0.9}
 
 
@@ -265,7 +265,8 @@ def test_classify_never_imports_tensorflow_or_onnx(tmp_path, model_path, good):
         result = CliRunner().invoke(app, ["classify", {str(tmp_path / 'good')!r}, "-m", {str(model_path)!r},
                                           "-o", {str(tmp_path / 'r.csv')!r}])
         assert result.exit_code == 1, result.output
-        heavy = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxconverter_common", "sklearn", "matplotlib")
+        heavy = ("tensorflow", "keras", "tf2onnx", "onnx", "onnxconverter_common", "sklearn", "matplotlib", "ray",
+                 "pyarrow", "pandas")
         print(sorted({{m.split(".")[0] for m in sys.modules}} & set(heavy)))
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

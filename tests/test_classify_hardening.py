@@ -332,7 +332,8 @@ def test_progress_without_a_terminal_is_plain_lines(tmp_path, model_path, good, 
     lines = result.stderr.splitlines()
     assert len(lines) == 3, lines
     for n, line in zip((3, 6, len(good)), lines):
-        assert line.startswith(f"classifying: {n}/{len(good)} files, 0 failed, ") and line.endswith(" images/s")
+        assert line.startswith(f"classifying: {n}/{len(good)} files, 0 failed, ")
+        assert re.search(r" images/s, about \d+ s left$" if n < len(good) else r" images/s$", line), line
 
 
 def test_help_is_readable_and_shows_every_default():
@@ -342,6 +343,6 @@ def test_help_is_readable_and_shows_every_default():
     options = result.stdout.split("Options:")[1]
     blocks = re.split(r"\n  (?=-)", options)[1:]  # one block per option, wrapped lines included
     blocks = [" ".join(block.split()) for block in blocks if not block.startswith("--help")]
-    assert len(blocks) == 11, blocks
+    assert len(blocks) == 13, blocks
     for block in blocks:
         assert "default" in block and "<bool>" not in block, block

@@ -24,7 +24,7 @@ def _csv(path: Path, rows: list[tuple[str, str, list[float] | None]], model: str
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["path", "status", "decision", "label", *[f"p_{c}" for c in CLASSES], "flagged", "age_group",
-                    "warning", "gate_score", "reason", "heatmap", "ms", "model"])
+                    "warning", "gate_score", "reason", "heatmap", "ms", "model", "site"])
         for name, status, probs in rows:
             cells = [""] * 3 if probs is None else probs
             w.writerow([name, status, "", "", *cells, "", "", "", "", "" if probs else "bad file", "", 1.0, model])
