@@ -248,10 +248,11 @@ def decision_stats(decisions: list[dict[str, Any]], y: np.ndarray, classes: list
     return out
 
 
-def add_throughput(rows: list[dict[str, Any]], paths: dict[str, Path], peak: dict[str, Any] | None,
+def add_throughput(rows: list[dict[str, Any]], paths: dict[str, Path], machine: dict[str, Any],
                    notes: list[str]) -> None:
     """Achieved GMAC/s of every measured row (the model's MACs, counted on an ONNX file of it, over
-    the batch-1 and batch-8 times) and, for int8 engines, its share of the measured int8 peak."""
+    the batch-1 and batch-8 times) and, for int8 engines, its share of onnxruntime's int8 GEMM rate
+    and of the hardware's int8 bound (``peak``)."""
     from xray_edge.benchmarks.macs import count_macs
 
     source = next((paths[name] for name in ("onnx_fp32", "onnx_int8", "onnx_fp16")
@@ -262,7 +263,8 @@ def add_throughput(rows: list[dict[str, Any]], paths: dict[str, Path], peak: dic
     import onnx
 
     gmac = sum(count_macs(onnx.load(str(source)))[0].values()) / 1e9
-    peak_gmac = (peak or {}).get("gmac_per_s")
+    peak_gmac = (machine.get("int8_peak") or {}).get("gmac_per_s")
+    bound_gmac = (machine.get("hw_int8_bound") or {}).get("gmac_per_s")
     for row in rows:
         if row["status"] != "ok":
             continue
@@ -270,8 +272,11 @@ def add_throughput(rows: list[dict[str, Any]], paths: dict[str, Path], peak: dic
         row["b1_gmac_per_s"] = gmac / (row["b1_median_ms"] / 1000)
         if row.get("b8_ms_per_image"):
             row["b8_gmac_per_s"] = gmac / (row["b8_ms_per_image"] / 1000)
+        rate = row.get("b8_gmac_per_s", row["b1_gmac_per_s"])
         if peak_gmac and row["format"].endswith("int8"):
-            row["share_of_int8_peak"] = row.get("b8_gmac_per_s", row["b1_gmac_per_s"]) / peak_gmac
+            row["share_of_ort_int8_gemm"] = rate / peak_gmac
+        if bound_gmac and row["format"].endswith("int8"):
+            row["share_of_hw_int8_bound"] = rate / bound_gmac
 
 
 def provenance_notes(rows: list[dict[str, Any]], keras: Path | None) -> list[str]:
@@ -354,7 +359,7 @@ def run(s: Settings, command: str = "") -> dict[str, Any]:
         if s.peak:
             log("[peak] int8 micro-benchmark")
             machine["int8_peak"] = child({"mode": "peak", "threads": s.threads}, work, s.threads, s.timeout)
-        add_throughput(rows, paths, machine.get("int8_peak"), notes)
+        add_throughput(rows, paths, machine, notes)
         notes += provenance_notes(rows, s.models.get("keras_fp32"))
         if probs and not any(name in probs for name in formats.FP32_REFERENCES):
             notes.append("no FP32 reference (onnx_fp32 or keras_fp32) was measured: no agreement column")

@@ -1,12 +1,15 @@
-"""INT8 export variants side by side: what the four-channel first convolution and keeping the
-in-graph preprocessing (and the small heads) in float do to speed and to agreement with FP32.
+"""INT8 export variants side by side: what the calibration method, the weight range, keeping some
+convolutions float, the four-channel first convolution and quantizing only the convolutions do to
+agreement with FP32 and to speed.
 
     python -m xray_edge.benchmarks.int8_variants train/results/model.keras --data ../shared/data \\
-        --out benchmarks/int8_variants.md
+        --images 500 --out benchmarks/int8_variants.md
 
 Every variant is quantized from the same FP32 graph (with or without the fourth channel) with the
 same calibration images; latency is timed in interleaved rounds (each round runs every variant),
-so that a busy moment of the machine does not favour one of them.
+so that a busy moment of the machine does not favour one of them. Only variants with 7-bit weights
+give the same answers on x86 CPUs without VNNI (``quantize.AVX2_SAFE_WEIGHT``); the 8-bit row is
+there to show what that costs.
 """
 from __future__ import annotations
 
@@ -20,12 +23,21 @@ from typing import Any, Sequence
 
 import numpy as np
 
-VARIANTS = (  # (name, four channels, op types to quantize; None = everything onnxruntime can)
-    ("3-channel conv1_1, every op quantized (v0.1 export)", False, None),
-    ("4-channel conv1_1, every op quantized", True, None),
-    ("3-channel conv1_1, convolutions only (preprocessing and heads float)", False, ("Conv", "MaxPool")),
-    ("4-channel conv1_1, convolutions only (shipped)", True, ("Conv", "MaxPool")),
-)
+CONV = ("Conv", "MaxPool")
+PCT = {"symmetric": False, "num_bins": 2048}
+# name -> (four channels, op types (None: every op onnxruntime can), calibration, its options, weight bits,
+#          node-name parts kept float)
+VARIANTS: dict[str, tuple[bool, tuple[str, ...] | None, str, dict | None, int, tuple[str, ...]]] = {
+    "3-ch conv1_1, every op, MinMax (v0.1)": (False, None, "minmax", None, 7, ()),
+    "convolutions only, MinMax (0.2.0)": (True, CONV, "minmax", None, 7, ()),
+    "convolutions only, MinMax, 8-bit weights (not AVX2-safe)": (True, CONV, "minmax", None, 8, ()),
+    "convolutions only, percentile 99.999": (True, CONV, "percentile", PCT | {"percentile": 99.999}, 7, ()),
+    "convolutions only, percentile 99.99": (True, CONV, "percentile", PCT | {"percentile": 99.99}, 7, ()),
+    "convolutions only, entropy": (True, CONV, "entropy", None, 7, ()),
+    "convolutions only, MinMax, block5_conv4 float": (True, CONV, "minmax", None, 7, ("block5_conv4",)),
+    "convolutions only, percentile 99.999, block5_conv4 float": (True, CONV, "percentile", PCT | {"percentile": 99.999},
+                                                                 7, ("block5_conv4",)),
+}
 
 
 def _session(path: Path, threads: int):
@@ -41,7 +53,7 @@ def _logits(session, x: np.ndarray, batch: int = 8) -> np.ndarray:
     return np.concatenate([session.run(["logits"], {"image": x[i:i + batch]})[0] for i in range(0, len(x), batch)])
 
 
-def compare(model_path: Path, data: Path, n_images: int = 300, n_calib: int = 200, threads: int = 2, rounds: int = 5,
+def compare(model_path: Path, data: Path, n_images: int = 500, n_calib: int = 200, threads: int = 2, rounds: int = 5,
             seed: int = 0) -> dict[str, Any]:
     """Build every variant, then measure agreement with FP32 on ``n_images`` test images and batch-1
     and batch-8 latency in interleaved rounds."""
@@ -52,7 +64,8 @@ def compare(model_path: Path, data: Path, n_images: int = 300, n_calib: int = 20
     from xray_edge.contract import ModelRecord
     from xray_edge.export.convert import keras_to_onnx
     from xray_edge.export.data import SplitManifest, load_images, stratified_sample
-    from xray_edge.export.quantize import to_int8
+    from xray_edge.export.quantize import AVX2_SAFE_WEIGHT, int8_weight_ranges, to_int8
+    from xray_edge.metrics import softmax
 
     record = ModelRecord.from_json((model_path.parent / "record.json").read_text())
     manifest = SplitManifest(model_path.parent / "split.csv", record.classes, data)
@@ -68,16 +81,22 @@ def compare(model_path: Path, data: Path, n_images: int = 300, n_calib: int = 20
         for four in (False, True):
             fp32[four] = tmp / f"fp32-{four}.onnx"
             onnx.save(keras_to_onnx(model, four_channels=four), str(fp32[four]))
-        reference = _logits(_session(fp32[True], threads), test.x).argmax(1)
+        reference_logits = _logits(_session(fp32[True], threads), test.x)
+        reference = reference_logits.argmax(1)
         sessions = {}
-        for name, four, ops in VARIANTS:
+        for name, (four, ops, method, options, bits, float_nodes) in VARIANTS.items():
             path = tmp / f"int8-{len(sessions)}.onnx"
             print(f"building: {name}", file=sys.stderr)
-            to_int8(fp32[four], path, calib.x, "minmax", op_types=ops)
+            to_int8(fp32[four], path, calib.x, method, op_types=ops, options=options, weight_bits=bits,
+                    float_nodes=float_nodes)
             sessions[name] = _session(path, threads)
-            pred = _logits(sessions[name], test.x).argmax(1)
+            logits = _logits(sessions[name], test.x)
+            pred = logits.argmax(1)
             out["variants"][name] = {"agreement_fp32": float(np.mean(pred == reference)),
-                                     "accuracy": float(np.mean(pred == test.y)), "b1_ms": [], "b8_ms": []}
+                                     "accuracy": float(np.mean(pred == test.y)),
+                                     "max_prob_diff": float(np.abs(softmax(logits) - softmax(reference_logits)).max()),
+                                     "avx2_safe": max(int8_weight_ranges(onnx.load(str(path))).values()) <= AVX2_SAFE_WEIGHT,
+                                     "b1_ms": [], "b8_ms": []}
         out["fp32_accuracy"] = float(np.mean(reference == test.y))
         for r in range(rounds):
             print(f"timing round {r + 1}/{rounds}", file=sys.stderr)
@@ -103,10 +122,12 @@ def markdown(result: dict[str, Any], command: str) -> str:
     m = describe(result["threads"])
     lines = ["# INT8 export variants", "", f"Created with `{command}` on {m['cpu']} ({', '.join(m['int8_features']) or 'no int8 features found'}), "
              f"{result['threads']} threads; {result['images']} test images (seeded stratified), {result['calibration_images']} "
-             f"calibration images (MinMax); latency: {result['rounds']} interleaved rounds, median. FP32 accuracy on these "
-             f"images {result['fp32_accuracy']:.3f}.", "",
-             "| variant | agreement with FP32 | accuracy | batch-1 ms | batch-8 ms/img |", "|---|---:|---:|---:|---:|"]
-    lines += [f"| {name} | {v['agreement_fp32']:.1%} | {v['accuracy']:.3f} | {v['b1_median_ms']:.1f} | "
+             f"calibration images; latency: {result['rounds']} interleaved rounds, median. FP32 accuracy on these "
+             f"images {result['fp32_accuracy']:.3f}. Agreement: the same most likely class as FP32.", "",
+             "| variant | agreement with FP32 | largest probability difference | accuracy | same answer on AVX2-only x86 "
+             "| batch-1 ms | batch-8 ms/img |", "|---|---:|---:|---:|---|---:|---:|"]
+    lines += [f"| {name} | {v['agreement_fp32']:.1%} | {v['max_prob_diff']:.3f} | {v['accuracy']:.3f} | "
+              f"{'yes (7-bit weights)' if v['avx2_safe'] else 'no (8-bit weights saturate)'} | {v['b1_median_ms']:.1f} | "
               f"{v['b8_median_ms_per_image']:.1f} |" for name, v in result["variants"].items()]
     return "\n".join(lines) + "\n"
 
@@ -116,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path, help="model.keras with record.json and split.csv beside it")
     parser.add_argument("--data", type=Path, required=True, help="data folder the split's paths are relative to")
-    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--images", type=int, default=500)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, help="write the table here (and the figures as .json beside it)")

@@ -6,7 +6,7 @@ import platform
 from importlib import metadata
 from typing import Any
 
-from xray_edge.benchmarks.peak import int8_features
+from xray_edge.benchmarks.peak import cpu_ghz, hardware_int8_bound, int8_features
 
 PACKAGES = ("xray-edge", "numpy", "onnxruntime", "opencv-python-headless", "pydicom", "tensorflow-cpu", "tensorflow",
             "keras", "ai-edge-litert", "scikit-learn", "matplotlib")
@@ -66,6 +66,7 @@ def describe(threads: int) -> dict[str, Any]:
         "python": platform.python_version(),
         "packages": _versions(),
         "int8_features": int8_features(),
+        "hw_int8_bound": hardware_int8_bound(int8_features(), usable, cpu_ghz()),
         "threads": threads,
         "load_average_start": load_average(),
     }

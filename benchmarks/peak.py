@@ -1,8 +1,9 @@
-"""What this CPU can do in int8: its int8 instruction-set features, and a micro-benchmark of the
-peak int8 multiply-accumulate rate onnxruntime reaches on it (a large int8 x int8 matrix product
-in QDQ form, which onnxruntime runs on its best integer GEMM kernel: VNNI/AMX on x86, dot-product
-instructions on ARM). A model's achieved GMAC/s divided by this peak says how close the engine
-comes to what the hardware gives onnxruntime."""
+"""What this CPU can do in int8: its int8 instruction-set features, a micro-benchmark of the int8
+multiply-accumulate rate onnxruntime's own GEMM reaches on it (a large int8 x int8 matrix product in
+QDQ form, which onnxruntime runs on its best integer kernel: AMX/VNNI/AVX2 on x86, dot-product
+instructions on ARM), and the hardware's bound (cores x clock x int8 MACs per cycle of its best
+int8 instruction). A model's achieved GMAC/s over the first says how close a whole model comes to
+onnxruntime's GEMM (another engine can exceed 100 %); over the second, to what the silicon allows."""
 from __future__ import annotations
 
 import time
@@ -29,6 +30,37 @@ def int8_features(cpuinfo: str | None = None) -> list[str]:
         if key.strip() in ("flags", "Features"):
             flags |= set(value.split())
     return [name for flag, name in {**X86_FLAGS, **ARM_FLAGS}.items() if flag in flags]
+
+
+# int8 multiply-accumulates per cycle per core of the best int8 instruction, by feature (issue rate of the
+# multiplying instruction alone: AMX TMUL 16x64x... tile, two 512-bit VPDPBUSD ports, two 256-bit VPDPBUSD /
+# VPMADDUBSW ports, two 128-bit SDOT pipes on Cortex-A76-class cores).
+MACS_PER_CYCLE = (("AMX-INT8", 1024), ("AVX-512 VNNI", 128), ("AVX-VNNI", 64), ("AVX2", 64), ("dotprod", 32))
+
+
+def cpu_ghz(cpuinfo: str | None = None) -> float | None:
+    """The clock /proc/cpuinfo reports ("cpu MHz": the nominal clock in most VMs), in GHz."""
+    try:
+        cpuinfo = cpuinfo if cpuinfo is not None else open("/proc/cpuinfo", encoding="utf-8", errors="replace").read()
+    except OSError:
+        return None
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "cpu MHz":
+            try:
+                return float(value) / 1000
+            except ValueError:
+                return None
+    return None
+
+
+def hardware_int8_bound(features: list[str], cores: int, ghz: float | None) -> dict[str, Any] | None:
+    """cores x clock x MACs per cycle of the best int8 instruction in ``features`` (None if unknown)."""
+    best = next(((name, macs) for name, macs in MACS_PER_CYCLE if name in features), None)
+    if best is None or not ghz:
+        return None
+    return {"gmac_per_s": cores * ghz * best[1], "basis": f"{cores} cores x {ghz:.2f} GHz x {best[1]} int8 MAC/cycle "
+            f"({best[0]}; the clock /proc/cpuinfo reports, no turbo)"}
 
 
 def _matmul_model(n: int) -> bytes:

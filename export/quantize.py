@@ -96,8 +96,10 @@ def preprocess_for_quantization(fp32_path: Path, out_path: Path) -> None:
     quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=True)
 
 
-def calibrate(model_path: Path, images: np.ndarray, method: str, work_dir: Path) -> Any:
-    """Activation ranges (``TensorsData``) of ``model_path`` on ``images`` with ``method``."""
+def calibrate(model_path: Path, images: np.ndarray, method: str, work_dir: Path,
+              options: dict[str, Any] | None = None) -> Any:
+    """Activation ranges (``TensorsData``) of ``model_path`` on ``images`` with ``method``
+    (``options`` replace the method's ``CALIBRATOR_OPTIONS``)."""
     from onnxruntime.quantization import create_calibrator
 
     if method not in CALIBRATION_METHODS:
@@ -106,7 +108,7 @@ def calibrate(model_path: Path, images: np.ndarray, method: str, work_dir: Path)
         raise ValueError("no calibration images")
     calibrator = create_calibrator(
         str(model_path), augmented_model_path=str(work_dir / f"augmented-{method}.onnx"),
-        calibrate_method=_method(method), extra_options=dict(CALIBRATOR_OPTIONS[method]),
+        calibrate_method=_method(method), extra_options=dict(options or CALIBRATOR_OPTIONS[method]),
     )
     with contextlib.redirect_stdout(io.StringIO()):  # the histogram collectors print progress
         for reader in _chunks(images, CALIBRATION_CHUNK):
@@ -121,31 +123,59 @@ def ranges(tensors_data: Any) -> dict[str, tuple[float, float]]:
 
 
 def to_int8(fp32_path: Path, out_path: Path, images: np.ndarray, method: str = "minmax",
-            op_types: tuple[str, ...] | None = OP_TYPES) -> dict[str, Any]:
+            op_types: tuple[str, ...] | None = OP_TYPES, options: dict[str, Any] | None = None,
+            weight_bits: int = 7, float_nodes: tuple[str, ...] = ()) -> dict[str, Any]:
     """Write the static INT8 (QDQ) model of ``fp32_path`` to ``out_path``, calibrated on ``images``,
-    quantizing the nodes of ``op_types`` (None: every op onnxruntime can). Returns the quantization
-    settings for the model record."""
+    quantizing the nodes of ``op_types`` (None: every op onnxruntime can) except those whose name
+    contains one of ``float_nodes``. ``weight_bits`` 7 (the default) keeps every int8 weight in
+    [-64, 64]: onnxruntime's AVX2 kernels (x86 without VNNI) add pairs of u8 x s8 products in int16
+    and saturate beyond that, so 8-bit weights give other answers there than on VNNI or ARM
+    (``AVX2_SAFE_WEIGHT``). Returns the quantization settings for the model record."""
+    import onnx
     import onnxruntime.quantization as q
 
+    if weight_bits not in (7, 8):
+        raise ValueError(f"weight_bits must be 7 or 8, got {weight_bits}")
     with tempfile.TemporaryDirectory(prefix="xray-edge-int8-") as tmp:
         tmp = Path(tmp)
         pre = tmp / "pre.onnx"
         preprocess_for_quantization(fp32_path, pre)
-        tensors = calibrate(pre, images, method, tmp)
+        excluded = [n.name for n in onnx.load(str(pre)).graph.node if any(f in n.name for f in float_nodes)]
+        tensors = calibrate(pre, images, method, tmp, options)
         cache = tmp / "ranges.json"
         q.save_tensors_data(tensors, cache)
         q.quantize_static(
             str(pre), str(out_path), calibration_data_reader=None, calibration_cache_path=str(cache),
             calibrate_method=_method(method), quant_format=q.QuantFormat.QDQ, per_channel=True,
-            activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8, op_types_to_quantize=list(op_types) if op_types else None,
-            reduce_range=True,  # 7-bit weights: x86 CPUs without VNNI (AVX2 only) saturate int16 sums otherwise
+            activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
+            op_types_to_quantize=list(op_types) if op_types else None, nodes_to_exclude=excluded,
+            reduce_range=weight_bits == 7,
         )
     return {
         "method": method,
-        "calibrator_options": CALIBRATOR_OPTIONS[method],
+        "calibrator_options": dict(options or CALIBRATOR_OPTIONS[method]),
         "images": int(len(images)),
         "format": "QDQ",
-        "weights": "int8 per-channel, 7-bit range (reduce_range)",
+        "weights": f"int8 per-channel, {weight_bits}-bit range" + (" (reduce_range: AVX2-safe)" if weight_bits == 7 else ""),
         "activations": "int8",
         "op_types": list(op_types) if op_types else "all",
+        "float_nodes": excluded,
     }
+
+
+AVX2_SAFE_WEIGHT = 64  # largest |int8 weight| for which no AVX2 u8 x s8 pair sum (2 x 255 x 64) leaves int16
+
+
+def int8_weight_ranges(proto: Any) -> dict[str, int]:
+    """Largest |value| of every int8 weight initializer a DequantizeLinear reads, by name (the
+    drift test checks them against ``AVX2_SAFE_WEIGHT``)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in proto.graph.initializer}
+    out = {}
+    for node in proto.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
+            w = numpy_helper.to_array(inits[node.input[0]])
+            if w.dtype == np.int8 and w.ndim > 1:
+                out[node.input[0]] = int(np.abs(w.astype(np.int16)).max())
+    return out

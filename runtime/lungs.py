@@ -79,6 +79,12 @@ def _session(path: str, sha256: str, size: int):
     return session
 
 
+def probabilities(spec: LungCrop, batch: np.ndarray) -> np.ndarray:
+    """The recipe's lung model on a (N, size, size, 1) float32 batch of its inputs: (N, size, size)."""
+    session = _session(str(model_path(spec)), spec.sha256, spec.size)
+    return session.run(None, {session.get_inputs()[0].name: batch})[0][..., 0]
+
+
 def lung_finder(spec: LungCrop) -> LungBox:
     """The function grey image -> lung box (or None) of the recipe's lung model (the one shipped in
     xray_edge.models); ModelContractError if it is missing or not the pinned file."""

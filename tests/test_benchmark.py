@@ -14,7 +14,7 @@ from onnx import numpy_helper
 from typer.testing import CliRunner
 
 from tiny_model import make_tiny_onnx, tiny_record
-from xray_edge.benchmarks import bench, formats, report
+from xray_edge.benchmarks import bench, formats, peak, report
 from xray_edge.benchmarks.config import ConfigError, settings
 from xray_edge.benchmarks.worker import timed_runs
 from xray_edge.cli import app
@@ -137,12 +137,17 @@ def test_end_to_end_measured(results):
 def test_cpu_features_peak_and_throughput_columns(results):
     m = results["machine"]
     assert isinstance(m["int8_features"], list) and m["int8_peak"]["gmac_per_s"] > 0
+    assert peak.hardware_int8_bound(["AVX2", "AVX-512 VNNI"], 2, 2.5)["gmac_per_s"] == 2 * 2.5 * 128
+    assert peak.hardware_int8_bound([], 2, 2.5) is None and peak.cpu_ghz("cpu MHz\t\t: 2600.000\n") == 2.6
     rows = {r["format"]: r for r in results["rows"]}
     for name in ("onnx_fp32", "onnx_int8"):
         assert rows[name]["gmac_per_image"] > 0 and rows[name]["b8_gmac_per_s"] > 0
-    assert rows["onnx_int8"]["share_of_int8_peak"] == pytest.approx(
+    assert rows["onnx_int8"]["share_of_ort_int8_gemm"] == pytest.approx(
         rows["onnx_int8"]["b8_gmac_per_s"] / m["int8_peak"]["gmac_per_s"])
-    assert "share_of_int8_peak" not in rows["onnx_fp32"]
+    assert "share_of_ort_int8_gemm" not in rows["onnx_fp32"]
+    if m["hw_int8_bound"]:  # x86 with AVX2 or better, ARM with dot product: cores x clock x MACs/cycle
+        assert rows["onnx_int8"]["share_of_hw_int8_bound"] == pytest.approx(
+            rows["onnx_int8"]["b8_gmac_per_s"] / m["hw_int8_bound"]["gmac_per_s"])
     for name in ("onnx_fp32", "onnx_int8"):  # the record's rules applied to real images, as in classify
         assert 0 <= rows[name]["rejected_rate"] <= 1 and 0 <= rows[name]["uncertain_rate"] <= 1
 
@@ -166,7 +171,7 @@ def test_output_files_follow_their_schema(results):
     table = [line for line in md.splitlines() if line.startswith("| ") and line.split("|")[1].strip() in
              {f.name for f in formats.FORMATS}]
     assert len(table) == len(formats.FORMATS)
-    assert results["machine"]["cpu"] in md and "--limit 0" in md and "int8 peak" in md
+    assert results["machine"]["cpu"] in md and "--limit 0" in md and "int8 GEMM" in md and "int8 bound" in md
     assert "| png16: " in md and "Input gate" in md and "Heatmaps" in md
     assert (out / "results.png").stat().st_size > 0
 
