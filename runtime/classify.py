@@ -231,19 +231,27 @@ def _resume(output: Path, model: LoadedModel, files: list[str]) -> tuple[list[di
 
     try:
         keep = [r for r in read_previous(output, model.classes) if r["status"] != "error"]
+        check_same_model(keep, model, output)
     except ResumeError as e:
         _usage(str(e))
-    others = {r["model"] for r in keep} - {model.label}
-    if others:
-        _usage(f"{output} holds results of another model ({', '.join(sorted(others))}), "
-               f"not {model.label}; choose another --output")
-    site = model.site.label if model.site is not None else ""
-    other_sites = {r["site"] for r in keep} - {site}
-    if other_sites:
-        _usage(f"{output} holds results with another site profile ({', '.join(sorted(s or 'none' for s in other_sites))}), "
-               f"not {site or 'none'}; choose another --output")
     done = {os.path.abspath(r["path"]) for r in keep}
     return keep, [f for f in files if f not in done]
+
+
+def check_same_model(rows: list[dict[str, Any]], model: LoadedModel, output: Path) -> None:
+    """ResumeError if earlier ``rows`` of ``output`` come from another model or site profile."""
+    from .results import ResumeError
+
+    others = {r["model"] for r in rows} - {model.label}
+    if others:
+        raise ResumeError(f"{output} holds results of another model ({', '.join(sorted(others))}), "
+                          f"not {model.label}; choose another --output")
+    site = model.site.label if model.site is not None else ""
+    other_sites = {r["site"] for r in rows} - {site}
+    if other_sites:
+        raise ResumeError(f"{output} holds results with another site profile "
+                          f"({', '.join(sorted(s or 'none' for s in other_sites))}), not {site or 'none'}; "
+                          "choose another --output")
 
 
 def available_cores() -> int:

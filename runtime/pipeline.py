@@ -4,7 +4,9 @@ inference (OpenCV and onnxruntime release the GIL), then batched through the mod
     for results in classify_paths(model, paths, batch_size=8):
         ...  # one list of Result per batch, in input order; bad files come back as errors
 
-``prepared_batches`` is the decode half on its own (used by the benchmark to time it).
+``prepared_batches`` is the decode half on its own (used by the benchmark to time it);
+``prepare`` (one file) and ``run_batch`` (one batch through the model) are the two halves that
+``classify --ray`` runs as separate Ray stages.
 """
 from __future__ import annotations
 
@@ -132,28 +134,33 @@ def classify_paths(model: LoadedModel, paths: Iterable[str | os.PathLike], batch
     """Yield one list of Result per batch, in input order. With ``cam`` each result also carries
     its Grad-CAM maps and model input (for heatmaps). A batch the model fails on comes back as
     error results; the run goes on."""
-    spec = model.record.preprocessing
-    for batch in prepared_batches(paths, spec, batch_size, workers, max_pixels):
-        ready = [p for p in batch if p.image is not None]
-        out, failure, share = None, "", 0.0
-        if ready:
-            start = time.perf_counter()
-            try:
-                out = predict(model, np.stack([p.image for p in ready]), cam=cam)
-            except Exception as e:
-                failure = f"inference failed ({type(e).__name__}: {str(e).strip()[:200]})"
-            share = (time.perf_counter() - start) * 1000 / len(ready)
-        results, k = [], 0
-        for p in batch:
-            if p.image is None:
-                results.append(Result(p.path, None, p.error, p.ms))
-            elif out is None:
-                results.append(Result(p.path, None, failure, p.ms + share))
-            else:
-                results.append(Result(p.path, out.probs[k], "", p.ms + share,
-                                      age=None if out.age is None else out.age[k],
-                                      ood=None if out.ood is None else float(out.ood[k]),
-                                      cam=None if out.cam is None else out.cam[k], image=p.image if cam else None,
-                                      note=p.note))
-                k += 1
-        yield results
+    for batch in prepared_batches(paths, model.record.preprocessing, batch_size, workers, max_pixels):
+        yield run_batch(model, batch, cam)
+
+
+def run_batch(model: LoadedModel, batch: list[Prepared], cam: bool = False) -> list[Result]:
+    """One batch of prepared files through the model (one inference call for those that
+    decoded), as Results in the batch's order; an inference failure becomes error results."""
+    ready = [p for p in batch if p.image is not None]
+    out, failure, share = None, "", 0.0
+    if ready:
+        start = time.perf_counter()
+        try:
+            out = predict(model, np.stack([p.image for p in ready]), cam=cam)
+        except Exception as e:
+            failure = f"inference failed ({type(e).__name__}: {str(e).strip()[:200]})"
+        share = (time.perf_counter() - start) * 1000 / len(ready)
+    results, k = [], 0
+    for p in batch:
+        if p.image is None:
+            results.append(Result(p.path, None, p.error, p.ms))
+        elif out is None:
+            results.append(Result(p.path, None, failure, p.ms + share))
+        else:
+            results.append(Result(p.path, out.probs[k], "", p.ms + share,
+                                  age=None if out.age is None else out.age[k],
+                                  ood=None if out.ood is None else float(out.ood[k]),
+                                  cam=None if out.cam is None else out.cam[k], image=p.image if cam else None,
+                                  note=p.note))
+            k += 1
+    return results

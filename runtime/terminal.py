@@ -41,9 +41,9 @@ def say(message: str, err: bool = False) -> None:
 
 
 class Progress:
-    """Files done so far, on stderr: a bar on a terminal; otherwise (systemd, cron, a pipe) a
-    plain line every PROGRESS_EVERY_FILES files or PROGRESS_EVERY_SECONDS seconds and one at the
-    end; nothing when ``hidden``."""
+    """Files done so far, on stderr: a bar (with its ETA) on a terminal; otherwise (systemd, cron,
+    a pipe) a plain line with the rate and the time left every PROGRESS_EVERY_FILES files or
+    PROGRESS_EVERY_SECONDS seconds and one at the end; nothing when ``hidden``."""
 
     def __init__(self, total: int, hidden: bool = False, stream: TextIO | None = None):
         self.total, self.done, self.failed = total, 0, 0
@@ -77,6 +77,16 @@ class Progress:
     def _line(self) -> None:
         now = time.monotonic()
         rate = self.done / (now - self.start) if now > self.start else 0.0
-        print(f"classifying: {self.done}/{self.total} files, {self.failed} failed, {rate:.1f} images/s",
+        left = self.total - self.done
+        eta = f", about {duration(left / rate)} left" if left and rate > 0 else ""
+        print(f"classifying: {self.done}/{self.total} files, {self.failed} failed, {rate:.1f} images/s{eta}",
               file=self.stream, flush=True)
         self.last_time, self.last_done = now, self.done
+
+
+def duration(seconds: float) -> str:
+    """'45 s', '12 min', '3 h 05 min'."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60:02d} min"
