@@ -284,6 +284,8 @@ def test_end_to_end_outputs(trained, roots):
     assert record.metrics["cross_origin"]["worst_origin_macro_f1"] == pytest.approx(np.mean(worst))
     assert m["recipe"]["head"] == "flatten"
     assert m["onnx_feature_check"]["passed"] and m["shipped_model_check"]["passed"]
+    heat = m["heat_in_lungs"]
+    assert heat["images"] > 0 and 0 <= heat["heat_in_lungs_quartiles"][1] <= 1
     views_per_train_image = len(m["features"]["augment"].split("+")) * m["features"]["aug_views"]
     assert views_per_train_image == 2  # as asked: one geometric and one processing view
     assert record.preprocessing.lung_crop is not None and record.preprocessing.crop_fraction == 0  # the default recipe

@@ -24,6 +24,7 @@ from xray_edge import __version__
 from xray_edge.contract import AGE_GROUPS, Heatmap, ModelRecord, Outputs, Preprocessing, sha256_file
 from xray_edge.metrics import classification_report, expected_calibration_error, softmax
 from xray_edge.train import crossorigin, data, features, finetune, folds, ood, protocol, report, rules, split, thresholds
+from xray_edge.train.heatcheck import heat_in_lungs
 from xray_edge.train.manifest import EXCLUDED, SPLITS, write_manifest
 from xray_edge.train.recipes import CHILD_ORIGINS, DEFAULT, FEATURE_CACHE, Recipe
 
@@ -71,6 +72,7 @@ class TrainConfig:
     gate_quantile: float = 0.99
     n_boot: int = 1000
     save_folds: bool = False  # write each fold's held-out features for the site simulation (train.sitesim)
+    heat_images: int = 200  # test images the heatmaps are checked on (train.heatcheck)
 
 
 @dataclass
@@ -270,6 +272,13 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         model_check["ood_distance_relative_diff"] = float(np.max(np.abs(
             got["ood_distance"] - ood.distances(pooled[idx["test"][:4]], fitted.means, fitted.whiten)))
             / fitted.gate.threshold)
+    with stage(timings, "heat_in_lungs"):
+        from xray_edge.train.lungs import installed_spec
+
+        heat = heat_in_lungs(reloaded, np.stack([features.view_input(ds.images[i], 0, spec, cfg.seed,
+                                                                     lung_box=recipe.lung_box())
+                                                 for i in idx["test"][:cfg.heat_images]]),
+                             spec.lung_crop or installed_spec())
 
     timings["total"] = round(time.perf_counter() - t_start, 1)
     looo_summary = protocol.summary(seeds)
@@ -307,6 +316,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
         "age_head_test": crossorigin.fold_report(ds.age[idx["test"]], age_predict(idx["test"]), list(AGE_GROUPS)),
         "gate": asdict(fitted.gate),
         "shipped_model_check": model_check,
+        "heat_in_lungs": heat,
         "timings_seconds": timings,
     }
     (cfg.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
