@@ -85,16 +85,16 @@ def node_config(spool: Path, **overrides):
 
 
 def classify_in_process(spool: Path, model_path: Path, datasets: list[Dataset], calling: str = "MODALITY",
-                        site: Path | None = None) -> None:
+                        site: Path | None = None, destinations: tuple = ()) -> None:
     """Spool ``datasets`` as the SCP does and classify them as the node does (with the ``site``
-    profile, if given), in this process."""
+    profile, if given; deliveries queued for ``destinations``), in this process."""
     from xray_edge import dicom
     from xray_edge.classify import open_model
     from xray_edge.node.classifier import Classifier
     from xray_edge.node.ledger import Arrival, Ledger
     from xray_edge.node.spool import Spool
 
-    config = node_config(spool)
+    config = node_config(spool, destinations=destinations)
     spooled = Spool(spool, 0, 0)
     spooled.open()
     ledger = Ledger(spooled.ledger)
@@ -187,11 +187,15 @@ def store(ae, port: int, datasets: list, called: str = "XRAY_EDGE", tls=None) ->
 
 
 class Destination:
-    """A storage SCP (pynetdicom) standing in for a PACS: counts each SOP Instance UID it is
-    sent, keeps the data sets; ``start``/``stop`` take it up and down on the same port."""
+    """A storage SCP (pynetdicom) standing in for a PACS: counts each SOP Instance UID it stores,
+    keeps the data sets; ``start``/``stop`` take it up and down on the same port. ``answers``: per
+    SOP class, failure statuses to give (in turn) before it stores; ``classes``: what it accepts."""
 
-    def __init__(self, ae_title: str = "PACS", port: int | None = None):
+    def __init__(self, ae_title: str = "PACS", port: int | None = None, answers: dict[str, list[int]] | None = None,
+                 classes: tuple[str, ...] = ("1.2.840.10008.5.1.4.1.1.88.33", SecondaryCaptureImageStorage)):
         self.ae_title, self.port = ae_title, port or free_port()
+        self.answers = {k: list(v) for k, v in (answers or {}).items()}
+        self.classes = classes
         self.received: Counter[str] = Counter()
         self.datasets: dict[str, Dataset] = {}
         self.lock = threading.Lock()
@@ -199,10 +203,9 @@ class Destination:
 
     def start(self) -> Destination:
         from pynetdicom import AE, evt
-        from pynetdicom.sop_class import ComprehensiveSRStorage
 
         self.ae = AE(ae_title=self.ae_title)
-        for c in (ComprehensiveSRStorage, SecondaryCaptureImageStorage):
+        for c in self.classes:
             self.ae.add_supported_context(c)
         self.server = self.ae.start_server(("127.0.0.1", self.port), block=False,
                                            evt_handlers=[(evt.EVT_C_STORE, self._on_store)])
@@ -217,18 +220,12 @@ class Destination:
         ds = event.dataset
         ds.file_meta = event.file_meta
         with self.lock:
+            pending = self.answers.get(str(ds.SOPClassUID))
+            if pending:
+                return pending.pop(0)
             self.received[str(ds.SOPInstanceUID)] += 1
             self.datasets[str(ds.SOPInstanceUID)] = ds
         return 0x0000
-
-    def wait_for(self, count: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self.lock:
-                if len(self.received) >= count:
-                    return True
-            time.sleep(0.05)
-        return False
 
 
 class Node:

@@ -88,6 +88,10 @@ def test_unknown_calling_ae_and_wrong_host_are_refused_at_association(receiver):
     assert assoc.is_rejected and assoc.acceptor.primitive.diagnostic == 0x07  # called AE title not the node's
     assert store(sender("MODALITY"), r.port, [radiograph()]) == [OK]
     assert len(ledger_rows(spool)) == 1
+    # every allowed peer names its hosts: another host is hung up on before any DICOM
+    elsewhere = sender("MODALITY").associate("127.0.0.1", r.port, ae_title="XRAY_EDGE", bind_address=("127.0.0.2", 0))
+    assert not elsewhere.is_established and not elsewhere.is_rejected
+    assert wait_until(lambda: not [a for a in r.ae.active_associations if a.is_acceptor], 3)
 
 
 def test_other_sop_classes_are_refused_at_association(receiver):

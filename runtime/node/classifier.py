@@ -136,13 +136,21 @@ class Classifier:
         if not self.config.keep_days or now - self._last_purge < PURGE_EVERY:
             return
         self._last_purge = now
-        finished = self.ledger.finished_before(now - self.config.keep_days * 86400)
-        for uid, paths in finished:
-            spooling.remove(paths)
-            self.ledger.purged(uid)
-        if finished:
-            LOG.info("removed the spooled files of %d finished instances older than %g days", len(finished),
-                     self.config.keep_days)
+        purge_finished(self.ledger, now - self.config.keep_days * 86400)
+
+
+def purge_finished(ledger: Ledger, before: float) -> int:
+    """Remove the spooled files of instances done with (sent, failed, or classified with nothing
+    left to deliver) that arrived before ``before``; the ledger keeps their rows (a late duplicate
+    is still recognised). Returns how many."""
+    finished = ledger.finished_before(before)
+    for uid, paths in finished:
+        spooling.remove(paths)
+        ledger.purged(uid)
+    if finished:
+        LOG.info("removed the spooled files of %d finished instances that arrived before %s", len(finished),
+                 time.strftime("%Y-%m-%d %H:%M", time.localtime(before)))
+    return len(finished)
 
 
 def _summary(row: dict[str, Any]) -> str:

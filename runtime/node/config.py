@@ -23,17 +23,7 @@ class Peer:
     networks: tuple[IpNetwork, ...] = ()
 
     def admits(self, ae_title: str, host: str) -> bool:
-        if ae_title != self.ae_title:
-            return False
-        if not self.networks:
-            return True
-        try:
-            address = ipaddress.ip_address(host)
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
-            address = address.ipv4_mapped
-        return any(address in network for network in self.networks)
+        return ae_title == self.ae_title and (not self.networks or in_networks(host, self.networks))
 
 
 @dataclass(frozen=True)
@@ -74,6 +64,25 @@ class NodeConfig:
     http_bind: str = "127.0.0.1"
     http_port: int = 0  # 0: no worklist page
     http_token: str = ""
+
+
+def in_networks(host: str, networks: tuple[IpNetwork, ...]) -> bool:
+    """True if the address ``host`` lies in one of ``networks``."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
+def allowed_networks(peers: tuple[Peer, ...]) -> tuple[IpNetwork, ...] | None:
+    """The networks a connection may come from at all (None: any, when a peer is allowed from
+    any host)."""
+    if any(not p.networks for p in peers):
+        return None
+    return tuple(n for p in peers for n in p.networks)
 
 
 def ae_title(value: str, what: str = "AE title") -> str:

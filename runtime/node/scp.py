@@ -1,7 +1,8 @@
 """The node's DICOM Storage SCP (pynetdicom): who may send, what, how much, and how a received
 instance is made safe before it is acknowledged.
 
-At association: the calling AE title (and, where configured, the host) must be allowed, the
+A connection from a host no allowed peer sends from is closed at once. At association: the
+calling AE title (and, where configured, the host) must be allowed, the
 called AE title must be the node's, at most ``max_associations`` at once, and at least one
 proposed context must be CR, DX for presentation, secondary capture or verification; other SOP
 classes' contexts are refused. The peer's messages are capped as they are read, not once they are
@@ -40,7 +41,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from .. import dicom
 from ..pixels import DecodeError
 from . import spool as spooling
-from .config import NodeConfig
+from .config import NodeConfig, allowed_networks, in_networks
 from .ledger import Arrival, Ledger
 from .sc import SERIES_DESCRIPTION as HEATMAP_SERIES
 from .sr import MANUFACTURER
@@ -99,9 +100,17 @@ def _peer_of(sock) -> str:
 
 class _Server(ThreadedAssociationServer):
     """pynetdicom's threaded server with every accepted connection given a timeout and the
-    message cap, and TLS handshakes left to the connection's own thread."""
+    message cap, TLS handshakes left to the connection's own thread, and connections from hosts
+    no allowed peer may send from closed at once (they never hold an association slot)."""
 
     budget = 0
+    networks: tuple | None = None  # None: any host may connect
+
+    def verify_request(self, request, client_address) -> bool:
+        if self.networks is None or in_networks(client_address[0], self.networks):
+            return True
+        LOG.warning("refused a connection from %s: no allowed peer sends from there", client_address[0])
+        return False
 
     def get_request(self):
         sock, address = self.socket.accept()
@@ -134,6 +143,7 @@ class Receiver:
         self.server = self.ae.make_server((config.bind, config.port), ae_title=config.ae_title,
                                           ssl_context=config.tls, evt_handlers=handlers, server_class=_Server)
         self.server.budget = config.max_instance_bytes + MAX_PDU
+        self.server.networks = allowed_networks(config.allowed)
         self.port = self.server.server_address[1]
         self._thread = threading.Thread(target=self.server.serve_forever, args=(0.1,), name="xray-edge-scp",
                                         daemon=True)

@@ -99,9 +99,11 @@ class Sender:
         deadline = time.monotonic() + LINGER
         while not stop.is_set():
             due = self.ledger.due(self.name, BATCH)
-            if due or time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            if due or left <= 0:
                 return due
-            self.wake.wait(deadline - time.monotonic())
+            next_due = self.ledger.next_due(self.name)
+            self.wake.wait(left if next_due is None else min(left, max(0.01, next_due - time.time())))
             self.wake.clear()
         return []
 

@@ -175,11 +175,19 @@ def _logging() -> None:
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(_OneLine("%(asctime)s %(levelname)s %(message)s"))
+        handler.addFilter(_said_already)
         root.addHandler(handler)
         root.setLevel(logging.INFO)
     LOG.setLevel(logging.INFO)
     for noisy in ("pynetdicom", "highdicom"):  # highdicom logs every module it copies at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _said_already(record: logging.LogRecord) -> bool:
+    """Drop pynetdicom's two lines for each failed connection: the sender says once that a
+    destination cannot be reached, and again when it is back."""
+    return not (record.name.startswith("pynetdicom") and record.getMessage().startswith(
+        ("Association request failed: unable to connect", "TCP Initialisation Error")))
 
 
 class _OneLine(logging.Formatter):
