@@ -238,8 +238,8 @@ class Node:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 30) -> Node:
-        cmd = [sys.executable, "-c", "from xray_edge.cli import main; main()", "serve", "--spool", str(self.spool), "--model", str(self.model),
-               "--port", str(self.port), "--threads", "1", *self.args]
+        cmd = [sys.executable, "-c", "from xray_edge.cli import main; main()", "serve", "--spool", str(self.spool),
+               "--model", str(self.model), "--port", str(self.port), "--threads", "1", *self.args]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         begin = len(self.output())  # a restarted node appends to the same log
         with open(self.log, "ab") as log:

@@ -16,9 +16,11 @@ import pydicom
 import pytest
 
 pytest.importorskip("pynetdicom")
+pytest.importorskip("highdicom")
 
 from node_peers import ledger_rows, node_config, radiograph, save, sender, store, wait_until  # noqa: E402
 from pydicom.uid import CTImageStorage, DigitalXRayImageStorageForProcessing, generate_uid  # noqa: E402
+from pynetdicom.sop_class import Verification  # noqa: E402
 
 from xray_edge.node.config import peer, server_tls  # noqa: E402
 from xray_edge.node.ledger import Ledger  # noqa: E402
@@ -88,6 +90,9 @@ def test_unknown_calling_ae_and_wrong_host_are_refused_at_association(receiver):
     assert assoc.is_rejected and assoc.acceptor.primitive.diagnostic == 0x07  # called AE title not the node's
     assert store(sender("MODALITY"), r.port, [radiograph()]) == [OK]
     assert len(ledger_rows(spool)) == 1
+    echo = sender("MODALITY", contexts=[Verification]).associate("127.0.0.1", r.port, ae_title="XRAY_EDGE")
+    assert echo.is_established and echo.send_c_echo().Status == 0x0000  # verification works
+    echo.release()
     # every allowed peer names its hosts: another host is hung up on before any DICOM
     elsewhere = sender("MODALITY").associate("127.0.0.1", r.port, ae_title="XRAY_EDGE", bind_address=("127.0.0.2", 0))
     assert not elsewhere.is_established and not elsewhere.is_rejected

@@ -14,6 +14,7 @@ import pydicom
 import pytest
 
 pytest.importorskip("pynetdicom")
+pytest.importorskip("highdicom")
 
 from node_peers import (ORTHANC, Destination, Node, Orthanc, free_port, ledger_rows, radiograph,  # noqa: E402
                         report_content, save, sender, store, wait_until)

@@ -111,6 +111,8 @@ def test_the_health_check_says_503_with_the_problems(serve):
     (["--allow", "PACS@somehost"], "is not an IP address or network"),
     (["--http-bind", "0.0.0.0"], "give --http-token-file"),
     (["--tls-cert", "cert.pem"], "--tls-cert and --tls-key go together"),
+    (["--tls-cert", "missing.pem", "--tls-key", "missing.key"], "cannot use the TLS certificate missing.pem"),
+    (["--send-tls-ca", "missing-ca.pem"], "cannot use the TLS CA missing-ca.pem"),
 ])
 def test_serve_refuses_unusable_settings_in_one_line(tmp_path, args, message):
     result = CliRunner().invoke(app, ["serve", "--spool", str(tmp_path / "spool"), "--allow", "MODALITY", *args])

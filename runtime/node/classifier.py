@@ -23,7 +23,7 @@ from ..pipeline import classify_paths
 from ..pixels import DecodeError
 from ..report import Gallery
 from . import sc, spool as spooling, sr
-from .ledger import Outputs, Pending
+from .ledger import MAX_ATTEMPTS, Outputs, Pending
 
 if TYPE_CHECKING:
     from pydicom.dataset import Dataset
@@ -58,7 +58,8 @@ class Classifier:
                 self._purge_finished()
                 pending, given_up = self.ledger.claim(self.config.batch_size)
                 for uid in given_up:
-                    LOG.error("gave up on %s: the node stopped while classifying it in each of its attempts", uid)
+                    LOG.error("gave up on %s: not classified in %d attempts (the node stopped, or could not record the "
+                              "result, each time)", uid, MAX_ATTEMPTS)
                 if pending:
                     self.classify(pending)
                     continue

@@ -41,7 +41,8 @@ def serve(
         min=1, metavar="MiB", show_default=True,
         help="Largest instance accepted; a peer sending more in one message is cut off.")] = 128,
     max_pixels: Annotated[int, typer.Option(
-        min=1, metavar="N", show_default=True, help="Refuse images with more pixels (decompression bombs).")] = DEFAULT_MAX_PIXELS,
+        min=1, metavar="N", show_default=True,
+        help="Refuse images with more pixels (decompression bombs).")] = DEFAULT_MAX_PIXELS,
     min_free_mb: Annotated[int, typer.Option(
         min=0, metavar="MiB", show_default=True,
         help="Refuse instances (status 0xA700) rather than leave less free on the spool's disk.")] = 1024,

@@ -149,11 +149,12 @@ def server_tls(cert: Path, key: Path, client_ca: Path | None) -> ssl.SSLContext:
 def client_tls(ca: Path, cert: Path | None, key: Path | None) -> ssl.SSLContext:
     """TLS for sending: the destination's certificate must be signed by ``ca`` and name its host;
     ``cert``/``key``: the node's own certificate, for destinations that ask for one."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    if cert is not None:
-        try:
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(ca))
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        if cert is not None:
             context.load_cert_chain(cert, key)
-        except (OSError, ssl.SSLError) as e:
-            raise ConfigError(f"cannot use the TLS certificate {cert} or key {key} ({e})") from None
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"cannot use the TLS CA {ca}{f', certificate {cert} or key {key}' if cert else ''} "
+                          f"({e})") from None
     return context

@@ -215,7 +215,8 @@ class Ledger:
                 if attempts >= MAX_ATTEMPTS:
                     db.execute("UPDATE instances SET state = 'failed', error = ?, updated_at = ? "
                                "WHERE sop_instance_uid = ?",
-                               (f"not classified: the node stopped during each of {attempts} attempts", now, uid))
+                               (f"not classified in {attempts} attempts (the node stopped, or could not record "
+                                "the result, each time)", now, uid))
                     given_up.append(uid)
                 else:
                     db.execute("UPDATE instances SET attempts = attempts + 1, updated_at = ? WHERE sop_instance_uid = ?",

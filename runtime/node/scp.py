@@ -2,13 +2,13 @@
 instance is made safe before it is acknowledged.
 
 A connection from a host no allowed peer sends from is closed at once. At association: the
-calling AE title (and, where configured, the host) must be allowed, the
-called AE title must be the node's, at most ``max_associations`` at once, and at least one
-proposed context must be CR, DX for presentation, secondary capture or verification; other SOP
-classes' contexts are refused. The peer's messages are capped as they are read, not once they are
-whole: a connection that sends more than ``max_instance_bytes`` in one message is dropped (a
-peer's PDU length is otherwise believed, however large). Every connection has ``timeout`` to say
-something; with TLS, its handshake happens in its own thread, not where connections are accepted.
+calling AE title (and, where configured, the host) must be allowed, the called AE title must be
+the node's, at most ``max_associations`` at once, and at least one proposed context must be CR,
+DX for presentation, secondary capture or verification; other SOP classes' contexts are refused.
+The peer's messages are capped as they are read, not once they are whole: a connection that
+sends more than ``max_instance_bytes`` in one message is dropped (a peer's PDU length is
+otherwise believed, however large). Every connection has ``timeout`` to say something; with TLS,
+its handshake happens in its own thread, not where connections are accepted.
 
 A C-STORE is acknowledged (0x0000) only once the instance is durably in the spool and its
 ledger row committed; a known SOP Instance UID is acknowledged without being stored again. It
