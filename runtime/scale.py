@@ -30,8 +30,7 @@ from .classify import DISCLAIMER, TABLE_LIMIT, check_same_model, find_images, fo
 from .files import FileTooLarge, read_head, read_regular
 from .inputs import IMAGE_SUFFIXES, is_dicom
 from .pipeline import Result
-from .results import (OutputError, ResultsWriter, ResumeError, locked, make_row, partial_path,
-                      read_previous)
+from .results import OutputError, ResultsWriter, ResumeError, locked, make_row, partial_path, read_previous
 from .session import LoadedModel
 from .shards import (check_shards_folder, chunk_name, earlier_shards, read_shard, remove_shards, shard_path,
                      shards_folder, write_shard)
@@ -184,8 +183,9 @@ def run_chunks(address: str, chunks: list[Chunk], model_args: dict[str, Any], mo
         with connected(address, log):
             pool = size_pool(threads)
             if not quiet:
-                say(f"Ray: {pool.nodes} nodes, {pool.cpus} CPUs; up to {pool.max_actors} inference actors of "
-                    f"{pool.threads} threads; {len(chunks)} chunks", err=True)
+                say(f"Ray: {_count(pool.nodes, 'node')}, {_count(pool.cpus, 'CPU')}; up to "
+                    f"{_count(pool.max_actors, 'inference actor')} of {_count(pool.threads, 'thread')}; "
+                    f"{_count(len(chunks), 'chunk')}", err=True)
             with Progress(sum(len(paths) for _, paths in chunks), hidden=quiet) as progress:
                 for name, lines in classified_chunks(chunks, model.record.preprocessing, max_pixels, pool, model_args,
                                                      model.sha256, batch_size, heatmaps):
@@ -203,7 +203,7 @@ def run_chunks(address: str, chunks: list[Chunk], model_args: dict[str, Any], mo
             remove_shards(output)
         _usage(f"{e}{kept}{f' (what Ray said: {log})' if messages else ''}")
     except KeyboardInterrupt:
-        say(f"interrupted: {len(written)} chunks of results kept in {shards_folder(output)}; "
+        say(f"interrupted: {_count(len(written), 'chunk')} of results kept in {shards_folder(output)}; "
             "run the same command with --resume to continue", err=True)
         raise typer.Exit(130) from None
     for name, paths in chunks:
@@ -252,6 +252,10 @@ def merge(output: Path, model: LoadedModel, keep: list[dict[str, Any]],
     finally:
         writer.close()
     return shown, decisions, labels
+
+
+def _count(n: int, thing: str) -> str:
+    return f"{n} {thing}{'' if n == 1 else 's'}"
 
 
 def _usage(message: str) -> NoReturn:

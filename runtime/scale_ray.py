@@ -61,10 +61,11 @@ def connected(address: str, log: Path) -> Iterator[None]:
         if ray.is_initialized():
             ray.shutdown()
         local = {"include_dashboard": False} if address == "local" else {}
-        if address == "local" and "RAY_AUTH_MODE" not in os.environ:
-            # Ray 2.60 protects a new local cluster with a token it writes to ~/.ray/auth_token, where
-            # every later `ray start` on the machine finds it: this one's token lives and dies with the run.
-            os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+        if address == "local" and not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & set(os.environ):
+            # Ray 2.60 protects a new local cluster with a token, which it writes to ~/.ray/auth_token if it
+            # finds none, where every later `ray start` on the machine picks it up: this one's token lives
+            # in the run's environment (the local cluster's processes inherit it) and dies with it.
+            os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
         try:
             ray.init(address=address, log_to_driver=False, logging_level=logging.ERROR, **local)
         except Exception as e:  # ConnectionError, ValueError, RuntimeError: Ray's reasons, as one line
@@ -118,16 +119,26 @@ def ray_messages_to(log: Path) -> Iterator[None]:
 
 
 def size_pool(threads: int) -> Pool:
+    """``pool_for`` the CPUs of the cluster's live nodes."""
+    return pool_for([int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")], threads)
+
+
+def pool_for(node_cpus: list[int], threads: int) -> Pool:
     """Actor threads: ``threads`` if given, else half the CPUs of the smallest node (at most
-    MAX_ACTOR_THREADS); at most as many actors as fit the cluster's CPUs."""
-    cpus = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
-    cpus = [c for c in cpus if c > 0]
+    MAX_ACTOR_THREADS); as many actors as fit the nodes while one CPU is left for decoding (an
+    actor pool holding every CPU would wait forever for decoded files). ClusterError if the
+    cluster is too small."""
+    cpus = [c for c in node_cpus if c > 0]
     if not cpus:
         raise ClusterError("the Ray cluster has no CPUs (has a worker node joined? `ray status` lists them)")
     per_actor = threads or max(1, min(MAX_ACTOR_THREADS, min(cpus) // 2))
     if per_actor > max(cpus):
         raise ClusterError(f"--threads {per_actor}: no Ray node has that many CPUs (the largest has {max(cpus)})")
-    return Pool(per_actor, max(1, sum(c // per_actor for c in cpus)), len(cpus), sum(cpus))
+    if sum(cpus) < per_actor + 1:
+        raise ClusterError(f"the Ray cluster has {sum(cpus)} CPU(s); classify needs {per_actor + 1}: "
+                           f"{per_actor} for an inference actor of {per_actor} threads and 1 for decoding")
+    most = min(sum(c // per_actor for c in cpus), (sum(cpus) - 1) // per_actor)
+    return Pool(per_actor, most, len(cpus), sum(cpus))
 
 
 def classified_chunks(chunks: list[tuple[str, list[str]]], spec: Preprocessing, max_pixels: int, pool: Pool,

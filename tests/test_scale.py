@@ -20,6 +20,7 @@ from xray_edge.contract import ModelContractError  # noqa: E402
 from xray_edge.pipeline import classify_paths  # noqa: E402
 from xray_edge.results import ResultsWriter, columns  # noqa: E402
 from xray_edge.scale import earlier_rows, lost_chunk_rows, make_chunks, merge, read_path_list  # noqa: E402
+from xray_edge.scale_ray import ClusterError, Pool, pool_for  # noqa: E402
 from xray_edge.scale_workers import ChunkClassifier, prepare_chunk  # noqa: E402
 from xray_edge.shards import chunk_name, read_shard, shard_path, shards_folder, write_shard  # noqa: E402
 
@@ -137,6 +138,17 @@ def test_a_chunk_ray_gave_up_on_gets_error_rows(model_path):
     assert [r["path"] for r in rows] == ["/x/a.png", "/x/b.png"]
     assert all(r["status"] == "error" and "--resume retries it" in r["reason"] for r in rows)
     assert list(rows[0]) == columns(model.classes)
+
+
+def test_the_actor_pool_leaves_a_cpu_for_decoding():
+    assert pool_for([1, 1], 0) == Pool(threads=1, max_actors=1, nodes=2, cpus=2)
+    assert pool_for([0, 16, 16], 0) == Pool(threads=4, max_actors=7, nodes=2, cpus=32)
+    assert pool_for([2, 8], 0) == Pool(threads=1, max_actors=9, nodes=2, cpus=10)
+    assert pool_for([4, 4], 3) == Pool(threads=3, max_actors=2, nodes=2, cpus=8)
+    for cpus, threads, message in (([1], 0, "needs 2: 1 for an inference actor"), ([0], 0, "no CPUs"),
+                                   ([4, 4], 6, "no Ray node has that many CPUs"), ([4], 4, "needs 5")):
+        with pytest.raises(ClusterError, match=message):
+            pool_for(cpus, threads)
 
 
 def test_a_path_list_is_one_path_per_line(tmp_path, monkeypatch):
