@@ -45,7 +45,8 @@ def check_shards_folder(output: Path) -> None:
     except FileNotFoundError:
         return
     if not stat.S_ISDIR(mode):
-        raise OutputError(f"{folder} is a {kind_of(mode)}, not a folder of shards; remove it or choose another --output")
+        raise OutputError(f"{folder} is a {kind_of(mode)}, not a folder of shards; "
+                          "remove it or choose another --output")
 
 
 def remove_shards(output: Path) -> None:

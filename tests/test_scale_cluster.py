@@ -85,8 +85,8 @@ def test_ray_run_gives_the_rows_of_a_local_run(cluster, data, tmp_path):
     missing = str(tmp_path / "listed-but-nowhere.png")
     listing = tmp_path / "more.txt"
     listing.write_text("\n".join([*data["more"], missing]) + "\n")
-    expected = local_run(data, tmp_path / "local.csv", data["scans"], *data["more"], "--heatmaps", tmp_path / "maps-local",
-                         "--site", data["site"])
+    expected = local_run(data, tmp_path / "local.csv", data["scans"], *data["more"],
+                         "--heatmaps", tmp_path / "maps-local", "--site", data["site"])
     out = tmp_path / "ray.csv"
     proc = subprocess.run(command("classify", data["scans"], listing, "-m", data["model"], "--ray", cluster.address,
                                   "-o", out, "--heatmaps", tmp_path / "maps-ray", "--site", data["site"]),
@@ -95,7 +95,8 @@ def test_ray_run_gives_the_rows_of_a_local_run(cluster, data, tmp_path):
     rows = read_rows(out)
     lost = rows.pop()
     assert lost["path"] == missing and lost["status"] == "error"
-    assert lost["reason"].startswith("file not found on Ray node ") and "every node must see the files" in lost["reason"]
+    assert lost["reason"].startswith("file not found on Ray node ")
+    assert "every node must see the files" in lost["reason"]
     assert {r["decision"] for r in expected} == {"positive", "negative", "uncertain", "rejected", "error"}
     assert {r["site"] for r in expected} == {lost["site"]} and lost["site"].startswith("clinic-a")
     for row in expected:
