@@ -34,15 +34,17 @@ class LocalCluster:
     address: str  # HOST:PORT of the head's GCS
     folder: Path  # Ray's temporary folder for every node of this cluster
     env: dict[str, str]  # what a driver needs in its environment to connect (the token)
+    client_port: int = 0  # the head's Ray Client server, the one process that does not name the folder
     nodes: int = 0
     logs: list[Path] = field(default_factory=list)
 
     def pids(self) -> list[int]:
-        """Processes of this cluster: those whose command line names its folder, and their
-        descendants (workers, actors, agents)."""
+        """Processes of this cluster: those whose command line names its folder (or is its Ray
+        Client server), and their descendants (workers, actors, agents)."""
         parents: dict[int, int] = {}
         roots = set()
         marker = os.fsencode(str(self.folder))
+        client = f"--port={self.client_port}\0".encode()
         for entry in os.listdir("/proc"):
             if not entry.isdigit():
                 continue
@@ -50,8 +52,9 @@ class LocalCluster:
                 with open(f"/proc/{entry}/stat", "rb") as f:
                     parents[int(entry)] = int(f.read().rsplit(b")", 1)[1].split()[1])
                 with open(f"/proc/{entry}/cmdline", "rb") as f:
-                    if marker in f.read():
-                        roots.add(int(entry))
+                    command = f.read()
+                if marker in command or (b"ray.util.client.server" in command and client in command):
+                    roots.add(int(entry))
             except (OSError, ValueError, IndexError):
                 continue
         found = set(roots)
@@ -95,7 +98,8 @@ HEAD_PORTS = ("--port", "--dashboard-port", "--ray-client-server-port")
 
 
 def _ray_start(cluster: LocalCluster, args: list[str], ports: dict[str, int], cpus: int, object_store: int) -> None:
-    """``ray start`` one node (it returns once the node runs); RuntimeError with its output if not."""
+    """``ray start`` one node (it returns once the node runs); RuntimeError with its output if not.
+    One node at a time: a node started beside another can time out on a busy machine."""
     command = [sys.executable, "-m", "ray.scripts.scripts", "start", *args, f"--num-cpus={cpus}",
                f"--object-store-memory={object_store}", f"--temp-dir={cluster.folder}", "--disable-usage-stats",
                *(f"{option}={port}" for option, port in ports.items())]
@@ -117,10 +121,11 @@ def local_cluster(workers: int = 1, cpus: int = 1, head_cpus: int = 1,
     free = iter(free_ports(len(HEAD_PORTS) + len(NODE_PORTS) * (workers + 1)))
     head = {option: next(free) for option in HEAD_PORTS + NODE_PORTS}
     cluster = LocalCluster(f"127.0.0.1:{head['--port']}", Path(tempfile.mkdtemp(prefix="xr-ray-", dir="/tmp")),
-                           {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)})
+                           {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)},
+                           head["--ray-client-server-port"])
     try:
-        _ray_start(cluster, ["--head", "--node-ip-address=127.0.0.1", "--include-dashboard=false"], head, head_cpus,
-                   object_store)
+        _ray_start(cluster, ["--head", "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+                             "--include-log-monitor=false"], head, head_cpus, object_store)
         for _ in range(workers):
             _ray_start(cluster, [f"--address={cluster.address}", "--node-ip-address=127.0.0.1",
                                  "--include-log-monitor=false"], {option: next(free) for option in NODE_PORTS},
