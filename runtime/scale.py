@@ -195,6 +195,10 @@ def run_chunks(address: str, chunks: list[Chunk], model_args: dict[str, Any], mo
                     write_shard(output, name, rows)
                     written.add(name)
                     progress.update(len(rows), sum(r["status"] != "ok" for r in rows))
+                for name, paths in chunks:
+                    if name not in written:  # Ray gave up on it
+                        write_shard(output, name, lost_chunk_rows(paths, model))
+                        progress.update(len(paths), len(paths))
     except ClusterError as e:
         kept = f"; the results so far are kept in {shards_folder(output)}: run the same command with --resume" \
             if written else ""
@@ -206,9 +210,6 @@ def run_chunks(address: str, chunks: list[Chunk], model_args: dict[str, Any], mo
         say(f"interrupted: {_count(len(written), 'chunk')} of results kept in {shards_folder(output)}; "
             "run the same command with --resume to continue", err=True)
         raise typer.Exit(130) from None
-    for name, paths in chunks:
-        if name not in written:
-            write_shard(output, name, lost_chunk_rows(paths, model))
 
 
 def lost_chunk_rows(paths: list[str], model: LoadedModel) -> list[dict[str, Any]]:
