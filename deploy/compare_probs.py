@@ -1,239 +1,222 @@
-"""Compare two ``xray-edge classify`` CSV results of the same images (e.g. x86-64 vs aarch64).
+"""Compare what several CPUs make of the same images against the first (the reference).
 
-Given two .npz files instead (model inputs saved by probe_model.py), compares the preprocessed
-tensors file by file: max abs difference <= 1e-5 by default (inputs are in [0, 1]; different
-SIMD code paths differ by a few float32 ulps, ~4e-7; a real preprocessing difference, such as
-another interpolation, differs by 1e-2 and more).
+Each target is a prefix P of deploy/probe_model.py's output (P.json, P.npz) with, beside it,
+P-selfcheck.json (``python -m xray_edge.selfcheck --json``) or P-selfcheck.err (why it did not
+run). Files are matched by name. Per file and target:
 
-Rows are matched by file name (the two runs see the same images under different folders).
-Passes when every file was classified on both sides, every class probability agrees within the
-tolerance, and the predicted class agrees. A flip of the predicted class is tolerated only where
-the reference's top two probabilities are within 2 x tolerance of each other (a near-tie that the
-allowed difference can legitimately reorder); it is reported. (A flip with a wider margin always
-breaks the tolerance as well: swapping two classes m apart moves one of them by at least m / 2.)
+* lung box: exactly the reference's (integer pixels: a moved box is a different crop);
+* model input: max abs difference <= 1e-5 (inputs in [0, 1]; float SIMD code differs by a few
+  ulps, ~1e-7; a different crop or interpolation differs by 1e-2 and more);
+* on the same input tensor (the reference's): probabilities max abs difference <= 1e-4, age
+  probabilities and gate score relative 1e-4. onnxruntime's int8 kernels sum exactly on every CPU
+  (AVX2 as well, with weights in its safe range), so only float rounding around them remains;
+* end to end (each CPU's own decode and preprocessing): the same tolerances, and the same
+  decision and label;
+* selfcheck: the shipped models on fixed inputs, by ``xray_edge.selfcheck.compare`` (its own
+  tolerances: relative 1e-4, at most 2 lung-mask pixels, the same lung boxes).
 
-Default probability tolerance, by the model variant in the results' ``model`` column:
-  int8: one output quantisation level. The logits of a QDQ int8 model come out of a
-       DequantizeLinear with scale s, so they move in steps of s; moving every logit by one step
-       (s / T after the runtime's temperature T) moves a probability by at most tanh(s / 2T)
-       (the bound is tight). With ``--model`` that bound is read from the model (0.057 for the
-       shipped VGG-19: s = 0.1076, T = 0.943); without it, 0.05.
-       Why int8 needs this although its kernels agree bit for bit between x86-64 (AVX512-VNNI)
-       and ARM (emulated Cortex-A72) on the same input tensors: the float preprocessing (OpenCV
-       resize / colour conversion, numpy) differs in the last bits between SIMD instruction sets
-       (<= 4.2e-7 measured), which moves a few input pixels across an int8 rounding boundary, and
-       the int8 network turns that into a step of one output level. On x86-64 alone, +-2.4e-7
-       noise on the inputs of the shipped model moved logits by at most one level and
-       probabilities by median 0.009, 90th percentile 0.027, max 0.047 (16 images x 8 draws).
-  fp16 0.001, fp32 0.0001: float models are smooth in their input; only summation order differs.
+    python deploy/compare_probs.py work/native work/haswell work/a72 [--selfcheck-optional]
 
-    python deploy/compare_probs.py x86_64.csv aarch64.csv [--model MODEL.onnx | --tol 0.05]
+Exit 0: every target agrees; 1: some difference beyond tolerance (listed); 2: unusable input.
 """
 from __future__ import annotations
 
 import argparse
-import csv
-import math
-import os
+import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-TOLERANCE = {"int8": 0.05, "fp16": 1e-3, "fp32": 1e-4}  # int8: fallback without --model
-TENSOR_TOLERANCE = 1e-5
+INPUT_TOL = 1e-5
+PROB_TOL = 1e-4
+REL_TOL = 1e-4
 
 
 @dataclass
-class Row:
-    status: str
-    probs: dict[str, float]
-    model: str
-    error: str
+class Target:
+    """One CPU's probe and selfcheck."""
+
+    name: str
+    report: dict[str, Any]
+    inputs: dict[str, np.ndarray]
+    selfcheck: dict[str, Any] | None
+    selfcheck_error: str = ""
 
 
 @dataclass
 class Comparison:
-    tol: float
-    classes: list[str]
-    lines: list[tuple[str, list[float], list[float], float, str, str]] = field(default_factory=list)
-    problems: list[str] = field(default_factory=list)
-    near_ties: list[str] = field(default_factory=list)
-    rejected: list[str] = field(default_factory=list)  # rejected by the input gate on both sides (no probabilities)
+    """One target against the reference: each quantity's measured value and verdict, and every
+    difference beyond tolerance."""
 
-    @property
-    def max_diff(self) -> float:
-        return max((d for *_, d, _, _ in self.lines), default=0.0)
+    values: dict[str, tuple[str, bool]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
-        return not self.problems and bool(self.lines or self.rejected)
+        return not self.problems
 
 
-def read_results(path: Path) -> dict[str, Row]:
-    """{file name: Row} from a classify CSV; ValueError with a one-line reason if unusable."""
+# key: (table row, what a failure line calls it, tolerance: None where it must be equal), in table order
+QUANTITIES = {
+    "box": ("lung box: files equal", "lung box", None),
+    "dx": ("model input: max |dx|", "model input", INPUT_TOL),
+    "dp_same": ("same input: probabilities max |dp|", "probabilities (same input)", PROB_TOL),
+    "age_same": ("same input: age probs max rel", "age probs (same input)", REL_TOL),
+    "gate_same": ("same input: gate score max rel", "gate score (same input)", REL_TOL),
+    "dp": ("end to end: probabilities max |dp|", "probabilities (end to end)", PROB_TOL),
+    "age": ("end to end: age probs max rel", "age probs (end to end)", REL_TOL),
+    "gate": ("end to end: gate score max rel", "gate score (end to end)", REL_TOL),
+    "decision": ("end to end: decision+label equal", "decision", None),
+    "selfcheck": ("selfcheck (shipped models)", "selfcheck", None),
+}
+MEASURED = [k for k, (_, _, tol) in QUANTITIES.items() if tol is not None]
+
+
+def load(prefix: Path) -> Target:
+    """A target's files; ValueError (one line) if they cannot be read."""
     try:
-        with open(path, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise ValueError(f"{path}: cannot read ({e})") from None
-    if not rows or "path" not in rows[0] or not any(k.startswith("p_") for k in rows[0]):
-        raise ValueError(f"{path}: not an xray-edge classify CSV (needs path and p_<class> columns)")
-    out: dict[str, Row] = {}
-    for r in rows:
-        name = os.path.basename(r["path"])
-        if name in out:
-            raise ValueError(f"{path}: file name {name} appears twice; compare flat folders")
-        try:
-            probs = {k[2:]: float(v) for k, v in r.items() if k.startswith("p_") and v != ""}
-        except ValueError:
-            raise ValueError(f"{path}: {name}: probabilities are not numbers") from None
-        out[name] = Row(r.get("status", ""), probs, r.get("model", ""), r.get("reason", ""))
-    return out
+        report = json.loads(Path(f"{prefix}.json").read_text())
+        with np.load(f"{prefix}.npz") as saved:
+            inputs = {k: saved[k] for k in saved.files}
+        check, err = Path(f"{prefix}-selfcheck.json"), Path(f"{prefix}-selfcheck.err")
+        selfcheck = json.loads(check.read_text()) if check.is_file() else None
+        error = "" if selfcheck else ((err.read_text().strip().splitlines() or ["no output"])[-1]
+                                      if err.is_file() else "not run")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{prefix}: cannot read the probe's results ({e})") from None
+    if not isinstance(report.get("files"), dict):
+        raise ValueError(f"{prefix}.json: not a probe_model.py report")
+    return Target(prefix.name, report, inputs, selfcheck, error)
 
 
-def model_variant(rows: dict[str, Row]) -> str:
-    """The variant named last in the ``model`` column ("name version variant")."""
-    variants = {r.model.split()[-1] for r in rows.values() if r.model.split()}
-    if len(variants) != 1 or next(iter(variants)) not in TOLERANCE:
-        raise ValueError(f"cannot tell the model variant from {sorted(variants)}; pass --tol")
-    return variants.pop()
+def relative(a: Any, b: Any) -> float:
+    """max |a - b| relative to the largest |a| (0 when both are None, inf when only one is)."""
+    if a is None or b is None:
+        return 0.0 if a is None and b is None else float("inf")
+    a, b = np.atleast_1d(np.asarray(a, np.float64)), np.atleast_1d(np.asarray(b, np.float64))
+    return float(np.abs(a - b).max() / max(float(np.abs(a).max()), 1e-12))
 
 
-def output_level_tolerance(model_path: Path) -> tuple[float, str] | None:
-    """(tanh(s / 2T), explanation) for a model whose logits come from a DequantizeLinear with a
-    single scale s; None for any other model. Needs ``onnx`` (host side only)."""
-    import onnx
-    from onnx import numpy_helper
+def compare(ref: Target, cand: Target, selfcheck_optional: bool = False) -> Comparison:
+    """``cand`` against ``ref``, file by file (one problem line per file), then their selfchecks."""
+    from xray_edge.selfcheck import compare as compare_selfcheck
 
-    from xray_edge.contract import record_from_metadata
-
-    model = onnx.load(str(model_path))
-    record = record_from_metadata({p.key: p.value for p in model.metadata_props}, str(model_path))
-    if record.output_kind != "logits":
-        return None
-    init = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and record.outputs.logits in node.output and node.input[1] in init:
-            scale = numpy_helper.to_array(init[node.input[1]])
-            if scale.size == 1:
-                s, t = float(scale.reshape(())), record.temperature
-                return math.tanh(s / (2 * t)), f"one output level: tanh(s / 2T), s = {s:.4g}, T = {t:.4g}"
-    return None
-
-
-def compare(ref: dict[str, Row], cand: dict[str, Row], tol: float) -> Comparison:
-    """Compare candidate results against reference results, file by file."""
-    classes = sorted({c for r in ref.values() for c in r.probs})
-    cmp = Comparison(tol, classes)
-    for name in sorted(set(ref) - set(cand)):
-        cmp.problems.append(f"{name}: missing from the second results")
-    for name in sorted(set(cand) - set(ref)):
-        cmp.problems.append(f"{name}: missing from the first results")
-    for name in sorted(set(ref) & set(cand)):
-        a, b = ref[name], cand[name]
-        if a.status == b.status == "rejected":
-            cmp.rejected.append(name)
+    cmp, name = Comparison(), cand.name
+    rf, cf = ref.report["files"], cand.report["files"]
+    if ref.report.get("sha256") != cand.report.get("sha256"):
+        cmp.problems.append(f"{name}: another model ({cand.report.get('model')}) than the reference's")
+    cmp.problems += [f"{name}: {f}: missing" for f in sorted(set(rf) - set(cf))]
+    cmp.problems += [f"{name}: {f}: not in the reference" for f in sorted(set(cf) - set(rf))]
+    worst = dict.fromkeys(MEASURED, 0.0)
+    boxes = decisions = compared = differing = 0
+    for f in sorted(set(rf) & set(cf)):
+        a, b = rf[f], cf[f]
+        if a["error"] or b["error"]:
+            if a["error"] != b["error"]:
+                cmp.problems.append(f"{name}: {f}: unreadable on one side ({a['error'] or 'ok'} / {b['error'] or 'ok'})")
             continue
-        if a.status != "ok" or b.status != "ok":
-            cmp.problems.append(f"{name}: not classified ({a.status}: {a.error or '-'} / {b.status}: {b.error or '-'})")
+        xa, xb = ref.inputs.get(f), cand.inputs.get(f)
+        if xa is None or xb is None or xa.shape != xb.shape:
+            cmp.problems.append(f"{name}: {f}: model inputs missing or of another shape")
             continue
-        if set(a.probs) != set(b.probs):
-            cmp.problems.append(f"{name}: different classes {sorted(a.probs)} vs {sorted(b.probs)}")
-            continue
-        pa, pb = [a.probs[c] for c in classes], [b.probs[c] for c in classes]
-        diff = max(abs(x - y) for x, y in zip(pa, pb))
-        top_a, top_b = classes[pa.index(max(pa))], classes[pb.index(max(pb))]
-        cmp.lines.append((name, pa, pb, diff, top_a, top_b))
-        if diff > tol:
-            cmp.problems.append(f"{name}: probabilities differ by {diff:.6f} > {tol}")
-        if top_a != top_b:
-            margin = sorted(pa)[-1] - sorted(pa)[-2]
-            if margin <= 2 * tol:
-                cmp.near_ties.append(f"{name}: {top_a} vs {top_b} (reference top-2 margin {margin:.6f})")
-            else:
-                cmp.problems.append(f"{name}: predicted {top_a} vs {top_b} (margin {margin:.6f})")
+        compared += 1
+        fails = []
+        if a["lung_box"] == b["lung_box"]:
+            boxes += 1
+        else:
+            fails.append(f"lung box {b['lung_box']} instead of {a['lung_box']}")
+        values = {"dx": float(np.abs(xa.astype(np.float64) - xb).max())}
+        same = b if np.array_equal(xa, xb) else b.get("on_reference_input")  # the model on the reference's tensor
+        differing += same is not b
+        if same is None:
+            fails.append("inputs differ and the model was not run on the reference's")
+        for suffix, out in (("_same", same), ("", b)):
+            if out is not None:
+                values |= {"dp" + suffix: float(np.abs(np.subtract(a["probs"], out["probs"])).max()),
+                           "age" + suffix: relative(a["age"], out["age"]),
+                           "gate" + suffix: relative(a["gate_score"], out["gate_score"])}
+        for key, value in values.items():
+            worst[key] = max(worst[key], value)
+            _, what, tol = QUANTITIES[key]
+            if not value <= tol and not (same is b and key in ("dp", "age", "gate")):  # NaN too; no repeats
+                fails.append(f"{what} off by {value:.3g} > {tol:g}")
+        if (a["decision"], a["label"]) == (b["decision"], b["label"]):
+            decisions += 1
+        else:
+            fails.append(f"{b['decision']} {b['label'] or '-'} instead of {a['decision']} {a['label'] or '-'}")
+        if fails:
+            cmp.problems.append(f"{name}: {f}: " + "; ".join(fails))
+    cmp.values = {k: (f"{worst[k]:.3g}", worst[k] <= QUANTITIES[k][2]) for k in MEASURED}
+    cmp.values["dx"] = (f"{worst['dx']:.3g} ({differing} differ)" if differing else "0 (same bits)",
+                        worst["dx"] <= INPUT_TOL)
+    cmp.values |= {"box": (f"{boxes}/{compared}", boxes == compared),
+                   "decision": (f"{decisions}/{compared}", decisions == compared)}
+    if ref.selfcheck is None:
+        cmp.values["selfcheck"] = ("not run", selfcheck_optional)
+        if not selfcheck_optional:
+            cmp.problems.append(f"{ref.name}: selfcheck did not run ({ref.selfcheck_error})")
+    elif cand.selfcheck is None:
+        cmp.values["selfcheck"] = ("did not run", False)
+        cmp.problems.append(f"{name}: selfcheck did not run ({cand.selfcheck_error})")
+    else:
+        drift = compare_selfcheck(ref.selfcheck, cand.selfcheck)
+        cmp.problems += [f"{name}: selfcheck: {line}" for line in drift]
+        cmp.values["selfcheck"] = ("identical" if ref.selfcheck == cand.selfcheck else "DIFFERS" if drift
+                                   else "within tol.", not drift)
+    if compared == 0:
+        cmp.problems.append(f"{name}: no file could be compared")
     return cmp
 
 
-def report(cmp: Comparison, names: tuple[str, str]) -> str:
-    """A per-file table and a one-line verdict."""
-    width = max([len("file"), *(len(n) for n, *_ in cmp.lines)])
-    probs_head = " ".join(f"{c[:10]:>10}" for c in cmp.classes)
-    out = [f"{'file':<{width}}  {'side':<8} {probs_head}  {'max|dp|':>9}  prediction"]
-    for name, pa, pb, diff, top_a, top_b in cmp.lines:
-        out.append(f"{name:<{width}}  {names[0]:<8} {' '.join(f'{p:10.6f}' for p in pa)}  {'':>9}  {top_a}")
-        out.append(f"{'':<{width}}  {names[1]:<8} {' '.join(f'{p:10.6f}' for p in pb)}  {diff:9.6f}  {top_b}")
-    out += [f"note: near-tie {t}" for t in cmp.near_ties]
-    out += [f"note: {name}: rejected by the input gate on both sides" for name in cmp.rejected]
-    out += [f"FAIL: {p}" for p in cmp.problems]
-    n = len(cmp.lines)
-    agree = sum(a == b for *_, a, b in cmp.lines)
-    verdict = "PASS" if cmp.ok else "FAIL"
-    same = " (identical to 6 decimals)" if cmp.ok and all(pa == pb for _, pa, pb, *_ in cmp.lines) else ""
-    out.append(f"{verdict}: {n} files, max |p_{names[1]} - p_{names[0]}| = {cmp.max_diff:.6f}{same} "
-               f"(tolerance {cmp.tol:.4g}), predicted class agrees on {agree}/{n}")
-    return "\n".join(out)
-
-
-def compare_tensors(a: dict[str, np.ndarray], b: dict[str, np.ndarray], tol: float,
-                    names: tuple[str, str]) -> tuple[bool, str]:
-    """(ok, report) for two {file name: model input} mappings."""
-    lines, problems, worst = [], [], 0.0
-    for key in sorted(set(a) | set(b)):
-        if key not in a or key not in b:
-            problems.append(f"{key}: only in {names[0] if key in a else names[1]}")
-        elif a[key].shape != b[key].shape:
-            problems.append(f"{key}: shapes {a[key].shape} vs {b[key].shape}")
-        else:
-            d = np.abs(a[key].astype(np.float64) - b[key].astype(np.float64))
-            worst = max(worst, float(d.max()))
-            lines.append(f"{key:<28} max |dx| {d.max():.3g}  differing values {int((d > 0).sum())}/{d.size}")
-            if d.max() > tol:
-                problems.append(f"{key}: inputs differ by {d.max():.3g} > {tol}")
-    ok, compared = not problems and bool(lines), len(lines)
-    lines += [f"FAIL: {p}" for p in problems]
-    lines.append(f"{'PASS' if ok else 'FAIL'}: {compared} model inputs, "
-                 f"max |x_{names[1]} - x_{names[0]}| = {worst:.3g} (tolerance {tol})")
-    return ok, "\n".join(lines)
+def table(ref: Target, targets: list[Target], comparisons: list[Comparison]) -> str:
+    """Quantities down, targets across: each target's value against the reference, '!' beyond tolerance."""
+    width = max(len(label) for label, _, _ in QUANTITIES.values())
+    cols = [max(12, len(t.name), *(len(value) + 2 for value, _ in c.values.values()))
+            for t, c in zip(targets, comparisons)]
+    head = f"{'against ' + ref.name:<{width}}  {'tolerance':>9}  " + "  ".join(
+        f"{t.name:>{w}}" for t, w in zip(targets, cols))
+    lines = [head, "-" * len(head)]
+    for key, (label, _, tol) in QUANTITIES.items():
+        shown = "its own" if key == "selfcheck" else "exact" if tol is None else f"{tol:g}"
+        cells = [f"{c.values[key][0] + ('' if c.values[key][1] else ' !'):>{w}}" for c, w in zip(comparisons, cols)]
+        lines.append(f"{label:<{width}}  {shown:>9}  " + "  ".join(cells))
+    lines.append(f"{'verdict':<{width}}  {'':>9}  " + "  ".join(
+        f"{'PASS' if c.ok else 'FAIL':>{w}}" for c, w in zip(comparisons, cols)))
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("reference", type=Path, help="results CSV (or inputs .npz) of the reference (e.g. x86-64)")
-    ap.add_argument("candidate", type=Path, help="results CSV (or inputs .npz) to check (e.g. aarch64)")
-    ap.add_argument("--tol", type=float, help="max abs difference (default: by model variant, see above)")
-    ap.add_argument("--model", type=Path, help="the model both results came from (int8: exact tolerance)")
-    ap.add_argument("--names", nargs=2, default=("x86_64", "aarch64"), metavar=("REF", "CAND"))
+    ap.add_argument("reference", type=Path, help="prefix of the reference CPU's results (e.g. work/native)")
+    ap.add_argument("targets", type=Path, nargs="+", help="prefixes of the CPUs to check against it")
+    ap.add_argument("--selfcheck-optional", action="store_true",
+                    help="pass even where the shipped models' selfcheck cannot run on the reference")
     args = ap.parse_args(argv)
-    if args.reference.suffix == args.candidate.suffix == ".npz":
-        try:
-            with np.load(args.reference) as fa, np.load(args.candidate) as fb:
-                ok, text = compare_tensors({k: fa[k] for k in fa.files}, {k: fb[k] for k in fb.files},
-                                           args.tol if args.tol is not None else TENSOR_TOLERANCE,
-                                           tuple(args.names))
-        except (OSError, ValueError) as e:
-            print(f"error: cannot read model inputs ({e})", file=sys.stderr)
-            return 2
-        print(text)
-        return 0 if ok else 1
     try:
-        ref, cand = read_results(args.reference), read_results(args.candidate)
-        if args.tol is not None:
-            tol, why = args.tol, "--tol"
-        else:
-            variant = model_variant(ref)
-            tol, why = TOLERANCE[variant], f"{variant} default"
-            if variant == "int8" and args.model is not None:
-                tol, why = output_level_tolerance(args.model) or (tol, why)
-    except (ValueError, OSError) as e:
+        ref, targets = load(args.reference), [load(p) for p in args.targets]
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    cmp = compare(ref, cand, tol)
-    print(report(cmp, tuple(args.names)))
-    print(f"tolerance {tol:.4g}: {why}")
-    return 0 if cmp.ok else 1
+    comparisons = [compare(ref, t, args.selfcheck_optional) for t in targets]
+    files = ref.report["files"]
+    print(f"model {ref.report['model']} (sha256 {ref.report['sha256'][:12]}), {len(files)} files, "
+          f"{sum(1 for f in files.values() if not f['error'])} readable")
+    for t in [ref, *targets]:
+        v = t.report.get("versions", {})
+        print(f"  {t.name}: {t.report.get('machine')}, " + ", ".join(f"{k} {x}" for k, x in v.items())
+              + f"; probe {t.report.get('seconds', '?')} s")
+    print(table(ref, targets, comparisons))
+    if ref.selfcheck is None:
+        print(f"note: the selfcheck did not run on {ref.name}: {ref.selfcheck_error}")
+    problems = [p for c in comparisons for p in c.problems]
+    for p in problems:
+        print(f"FAIL: {p}")
+    print("PASS: every target agrees with " + ref.name if not problems
+          else f"FAIL: {len(problems)} difference(s) beyond tolerance")
+    return 0 if not problems else 1
 
 
 if __name__ == "__main__":

@@ -1,16 +1,23 @@
-"""Write synthetic radiograph-like test images (fixed seed) in the formats classify reads.
+"""Test images for comparing installs: N real X-rays picked from data roots, or generated ones.
 
-Bright body, two dark lung fields with rib stripes, an optional opacity and noise; cycling
-through 8-bit grey PNG, 16-bit grey PNG, colour JPEG and colour PNG at random sizes, so a
-cross-platform check also covers the decoders and the resize. Not real X-rays: for checking
-that two installs agree, never for judging a model. Needs numpy and opencv (runtime install).
+With ``--data ROOT...`` (data roots as training reads them: a manifest.csv or class folders):
+a fixed, seeded pick of N images spread over the (origin, class) groups in turn, leaving out
+films whose label another source contradicts; copied into OUT_DIR under their own names.
 
-    python deploy/make_images.py OUT_DIR [N]
+Without: synthetic radiograph-like images (fixed seed): bright body, two dark lung fields with
+rib stripes, an optional opacity and noise; cycling through 8-bit grey PNG, 16-bit grey PNG,
+colour JPEG and colour PNG at random sizes, so a cross-platform check also covers the decoders
+and the resize. Not X-rays (the input gate rejects them): for checking that two installs agree,
+never for judging a model. Needs numpy and opencv (runtime install).
+
+    python deploy/make_images.py OUT_DIR [N] [--data ROOT...]
 """
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import cv2
@@ -50,13 +57,43 @@ def write_images(out: Path, n: int, seed: int = 2024) -> list[Path]:
     return paths
 
 
+def pick_real(roots: list[Path], out: Path, n: int, seed: int = 2024) -> list[Path]:
+    """Copy ``n`` images of ``roots`` into ``out`` under their own names and return where they came
+    from: one from each (origin, class) group in turn (groups in a seeded order, images of a group
+    in a seeded order), label conflicts left out."""
+    from xray_edge.train.data import list_images
+
+    groups = defaultdict(list)
+    for image in list_images(roots)[0]:
+        if not image.conflict:
+            groups[image.origin, image.label].append(image.path)
+    rng = np.random.default_rng(seed)
+    queues = [[group[i] for i in rng.permutation(len(group))] for group in
+              (groups[k] for k in [sorted(groups)[i] for i in rng.permutation(len(groups))])]
+    picked: list[str] = []
+    while len(picked) < n and any(queues):
+        picked += [queue.pop(0) for queue in queues if queue][: n - len(picked)]
+    out.mkdir(parents=True, exist_ok=True)
+    for src in picked:
+        if (out / Path(src).name).exists():
+            raise ValueError(f"{Path(src).name}: two picked images have this name")
+        shutil.copyfile(src, out / Path(src).name)
+    return sorted(map(Path, picked))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out", type=Path)
     ap.add_argument("n", type=int, nargs="?", default=4)
     ap.add_argument("--seed", type=int, default=2024)
+    ap.add_argument("--data", type=Path, nargs="+", help="pick real images from these data roots")
     args = ap.parse_args(argv)
-    for p in write_images(args.out, args.n, args.seed):
+    try:
+        paths = pick_real(args.data, args.out, args.n, args.seed) if args.data else write_images(args.out, args.n, args.seed)
+    except (OSError, ValueError) as e:  # DatasetError is a ValueError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for p in paths:
         print(p.name)
     return 0
 

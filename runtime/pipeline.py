@@ -38,6 +38,7 @@ class Prepared:
     error: str  # "" when ok
     ms: float  # decode + preprocess wall time
     note: str = ""  # what the preprocessing could not do as the recipe intends (NO_LUNGS), else ""
+    lung_box: tuple[int, int, int, int] | None = None  # the lung crop's box in the decoded image, if one was found
 
 
 @dataclass
@@ -98,7 +99,7 @@ def prepare(path: str | os.PathLike, spec: Preprocessing, max_pixels: int = DEFA
     except Exception as e:  # a decoder bug must not stop the batch
         image, error = None, f"cannot decode ({type(e).__name__}: {e})"
     note = NO_LUNGS if image is not None and boxes == [None] else ""
-    return Prepared(str(path), image, error, (time.perf_counter() - start) * 1000, note)
+    return Prepared(str(path), image, error, (time.perf_counter() - start) * 1000, note, boxes[0] if boxes else None)
 
 
 def prepared_batches(paths: Iterable[str | os.PathLike], spec: Preprocessing, batch_size: int = 8,

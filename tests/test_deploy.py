@@ -1,13 +1,12 @@
-"""The helpers behind deploy/check-aarch64.sh (the emulated run itself is too slow for pytest)."""
+"""The helpers behind deploy/check-cpus.sh (the emulated runs themselves are too slow for pytest)."""
 from __future__ import annotations
 
-import csv
+import json
 import sys
 from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "deploy"))
@@ -18,81 +17,6 @@ import make_images  # noqa: E402
 from tiny_model import make_tiny_onnx  # noqa: E402
 
 CLASSES = ("COVID", "NORMAL", "VIRAL_PNEUMONIA")
-
-
-def _csv(path: Path, rows: list[tuple[str, str, list[float] | None]], model: str = "m 1.0 int8") -> Path:
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "status", "decision", "label", *[f"p_{c}" for c in CLASSES], "flagged", "age_group",
-                    "warning", "gate_score", "reason", "heatmap", "ms", "model", "site"])
-        for name, status, probs in rows:
-            cells = [""] * 3 if probs is None else probs
-            w.writerow([name, status, "", "", *cells, "", "", "", "", "" if probs else "bad file", "", 1.0, model])
-    return path
-
-
-def _compare(tmp_path: Path, ref_rows, cand_rows, tol: float = 0.02) -> compare_probs.Comparison:
-    ref = compare_probs.read_results(_csv(tmp_path / "a.csv", ref_rows))
-    cand = compare_probs.read_results(_csv(tmp_path / "b.csv", cand_rows))
-    return compare_probs.compare(ref, cand, tol)
-
-
-def test_compare_matches_by_file_name_and_passes_within_tolerance(tmp_path):
-    cmp = _compare(tmp_path, [("/x86/img/a.png", "ok", [0.7, 0.2, 0.1])],
-                   [("/tmp/arm/img/a.png", "ok", [0.69, 0.21, 0.1])])
-    assert cmp.ok and cmp.max_diff == pytest.approx(0.01)
-
-
-def test_compare_fails_beyond_tolerance(tmp_path):
-    cmp = _compare(tmp_path, [("a.png", "ok", [0.7, 0.2, 0.1])], [("a.png", "ok", [0.67, 0.23, 0.1])])
-    assert not cmp.ok and "differ by 0.03" in cmp.problems[0]
-
-
-def test_compare_flip_is_tolerated_only_at_a_near_tie(tmp_path):
-    near = _compare(tmp_path, [("a.png", "ok", [0.495, 0.485, 0.02])], [("a.png", "ok", [0.485, 0.495, 0.02])])
-    assert near.ok and near.near_ties
-    clear = _compare(tmp_path, [("a.png", "ok", [0.55, 0.44, 0.01])], [("a.png", "ok", [0.44, 0.55, 0.01])])
-    assert not clear.ok and any("predicted COVID vs NORMAL" in p for p in clear.problems)
-
-
-def test_compare_fails_on_missing_or_failed_files(tmp_path):
-    cmp = _compare(tmp_path, [("a.png", "ok", [1, 0, 0]), ("b.png", "ok", [1, 0, 0])],
-                   [("a.png", "error", None)])
-    assert not cmp.ok and len(cmp.problems) == 2
-
-
-def test_compare_accepts_files_the_gate_rejects_on_both_sides_only(tmp_path):
-    both = _compare(tmp_path, [("a.png", "ok", [0.7, 0.2, 0.1]), ("b.png", "rejected", [None] * 3)],
-                    [("a.png", "ok", [0.7, 0.2, 0.1]), ("b.png", "rejected", [None] * 3)])
-    assert both.ok and both.rejected == ["b.png"]
-    one = _compare(tmp_path, [("b.png", "rejected", [None] * 3)], [("b.png", "ok", [0.7, 0.2, 0.1])])
-    assert not one.ok and "not classified" in one.problems[0]
-
-
-def test_model_variant_is_read_from_the_results(tmp_path):
-    rows = compare_probs.read_results(_csv(tmp_path / "a.csv", [("a.png", "ok", [1, 0, 0])], "m 1 fp32"))
-    assert compare_probs.model_variant(rows) == "fp32"
-
-
-def test_int8_tolerance_is_one_output_level(tmp_path):
-    import make_standin
-
-    path = make_standin.make_standin(tmp_path / "standin.onnx")
-    tol, why = compare_probs.output_level_tolerance(path)
-    model = onnx.load(str(path))
-    scale = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "logits_scale")
-    assert tol == pytest.approx(np.tanh(float(scale) / 2)) and "one output level" in why
-    assert compare_probs.output_level_tolerance(make_tiny_onnx(tmp_path / "float.onnx")) is None
-
-
-def test_compare_main_exit_codes(tmp_path, capsys):
-    a = _csv(tmp_path / "a.csv", [("a.png", "ok", [0.7, 0.2, 0.1])])
-    b = _csv(tmp_path / "b.csv", [("a.png", "ok", [0.6, 0.3, 0.1])])
-    assert compare_probs.main([str(a), str(a)]) == 0
-    assert compare_probs.main([str(a), str(b)]) == 1
-    (tmp_path / "c.csv").write_text("not,a,results,file\n1,2,3,4\n")
-    assert compare_probs.main([str(a), str(tmp_path / "c.csv")]) == 2
-    assert "not an xray-edge classify CSV" in capsys.readouterr().err
 
 
 def test_count_macs_conv_and_gemm(tmp_path):
@@ -120,38 +44,95 @@ def test_make_images_are_decodable(tmp_path):
 
 def test_standin_is_a_loadable_int8_model(tmp_path):
     import make_standin
+    from xray_edge.export.quantize import AVX2_SAFE_WEIGHT, int8_weight_ranges
     from xray_edge.session import load_model
 
     model = load_model(make_standin.make_standin(tmp_path / "standin.onnx"))
     assert model.record.variant == "int8" and model.classes == list(CLASSES)
-    ops = {n.op_type for n in onnx.load(str(model.path)).graph.node}
-    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops
+    assert model.record.preprocessing.lung_crop is not None and model.record.gate is not None
+    assert model.record.outputs.age_logits and model.record.outputs.ood_distance
+    proto = onnx.load(str(model.path))
+    assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= {n.op_type for n in proto.graph.node}
+    assert max(int8_weight_ranges(proto).values()) <= AVX2_SAFE_WEIGHT
 
 
-def test_compare_tensors_flags_real_preprocessing_differences():
-    x = {"a.png": np.linspace(0, 1, 50, dtype=np.float32).reshape(5, 10, 1)}
-    ulps = {"a.png": np.nextafter(x["a.png"], np.float32(2))}
-    assert compare_probs.compare_tensors(x, ulps, 1e-5, ("x86", "arm"))[0]
-    shifted = {"a.png": x["a.png"] + np.float32(1e-3)}
-    ok, text = compare_probs.compare_tensors(x, shifted, 1e-5, ("x86", "arm"))
-    assert not ok and "inputs differ" in text
-    assert not compare_probs.compare_tensors(x, {}, 1e-5, ("x86", "arm"))[0]
+def _target(name: str, probs=(0.7, 0.2, 0.1), box=(1, 9, 2, 8), x=None, **extra) -> compare_probs.Target:
+    x = np.linspace(0, 1, 50, dtype=np.float32).reshape(5, 10, 1) if x is None else x
+    row = {"error": "", "note": "", "lung_box": list(box), "probs": list(probs), "decision": "positive",
+           "label": "COVID", "age": [0.9, 0.1], "gate_score": 0.5} | extra
+    report = {"model": "m 1 int8", "sha256": "ab" * 32, "machine": "x86_64", "files": {"a.png": row}}
+    return compare_probs.Target(name, report, {"a.png": x}, {"sha256": "s", "logits": [[1.0, 2.0]]})
 
 
-def test_probe_model_reproduces_its_own_inputs(tmp_path):
+def test_compare_passes_the_same_answers_and_names_each_difference():
+    ref = _target("native")
+    same = compare_probs.compare(ref, _target("arm"))
+    assert same.ok and same.values["box"] == ("1/1", True)
+    assert same.values["dx"] == ("0 (same bits)", True)
+    assert same.values["selfcheck"] == ("identical", True)
+    saturated = compare_probs.compare(ref, _target("avx2", probs=(0.5, 0.4, 0.1), box=(0, 9, 2, 8), decision="negative",
+                                                    label="NORMAL", gate_score=0.6))
+    assert not saturated.ok and len(saturated.problems) == 1  # one line per file
+    line = saturated.problems[0]
+    for what in ("lung box [0, 9, 2, 8] instead of [1, 9, 2, 8]", "probabilities (same input) off by 0.2",
+                 "gate score (same input) off by 0.2", "negative NORMAL instead of positive COVID"):
+        assert what in line
+    assert "(end to end)" not in line  # the same input: not repeated
+    assert compare_probs.compare(ref, _target("arm", probs=(0.70005, 0.19995, 0.1))).ok  # within 1e-4
+
+
+def test_compare_separates_kernels_from_preprocessing():
+    ref = _target("native")
+    x = np.nextafter(ref.inputs["a.png"], np.float32(2))  # an ulp off: the float SIMD code of another CPU
+    kernels_ok = _target("arm", x=x, probs=(0.69, 0.21, 0.1), on_reference_input=ref.report["files"]["a.png"])
+    cmp = compare_probs.compare(ref, kernels_ok)
+    assert cmp.values["dx"][0].endswith("(1 differ)")
+    assert cmp.values["dp_same"] == ("0", True)
+    assert cmp.values["dp"][1] is False and "(end to end)" in cmp.problems[0]
+    not_run = compare_probs.compare(ref, _target("arm", x=x))
+    assert "was not run on the reference's" in not_run.problems[0]
+    shifted = compare_probs.compare(ref, _target("arm", x=ref.inputs["a.png"] + np.float32(1e-3)))
+    assert "model input off by 0.001" in shifted.problems[0]
+
+
+def test_compare_selfcheck_must_run_unless_optional():
+    ref, cand = _target("native"), _target("arm")
+    ref.selfcheck, ref.selfcheck_error = None, "ModelContractError: no shipped model"
+    assert not compare_probs.compare(ref, cand).ok
+    assert compare_probs.compare(ref, cand, selfcheck_optional=True).ok
+    cand.selfcheck = None
+    assert not compare_probs.compare(_target("native"), cand).ok
+
+
+def test_probe_and_compare_round_trip(tmp_path, capsys):
     import probe_model
 
     model = make_tiny_onnx(tmp_path / "tiny.onnx")
     images = tmp_path / "images"
     make_images.write_images(images, 3)
-    a, b, inputs = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "inputs.npz"
-    assert probe_model.main([str(model), "--images", str(images), "--save-inputs", str(inputs),
-                             "--output", str(a)]) == 0
-    assert probe_model.main([str(model), "--inputs", str(inputs), "--output", str(b)]) == 0
-    assert a.read_text() == b.read_text()
-    rows = compare_probs.read_results(a)
-    assert sorted(rows) == sorted(p.name for p in images.iterdir())
-    assert all(abs(sum(r.probs.values()) - 1) < 1e-5 for r in rows.values())
+    assert probe_model.main([str(images), "--model", str(model), "--out", str(tmp_path / "native")]) == 0
+    assert probe_model.main([str(images), "--model", str(model), "--out", str(tmp_path / "again"),
+                             "--reference-inputs", str(tmp_path / "native.npz")]) == 0
+    report = json.loads((tmp_path / "again.json").read_text())
+    assert sorted(report["files"]) == sorted(p.name for p in images.iterdir())
+    assert all(abs(sum(f["probs"]) - 1) < 1e-9 and "on_reference_input" not in f for f in report["files"].values())
+    (tmp_path / "native-selfcheck.err").write_text("ModelContractError: no shipped model\n")
+    assert compare_probs.main([str(tmp_path / "native"), str(tmp_path / "again")]) == 1
+    assert compare_probs.main([str(tmp_path / "native"), str(tmp_path / "again"), "--selfcheck-optional"]) == 0
+    assert "PASS: every target agrees with native" in capsys.readouterr().out
+    assert compare_probs.main([str(tmp_path / "native"), str(tmp_path / "missing")]) == 2
+
+
+def test_make_images_picks_real_images_across_origins_and_classes(tmp_path):
+    from tiny_data import make_roots
+    from xray_edge.train.data import list_images
+
+    roots = make_roots(tmp_path / "data", n=3)
+    group = {i.path: (i.origin, i.label) for i in list_images(roots)[0]}
+    picked = make_images.pick_real(roots, tmp_path / "a", 6)
+    assert len({group[str(p)] for p in picked}) == 6
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == sorted(p.name for p in picked)
+    assert picked == make_images.pick_real(roots, tmp_path / "b", 6)  # a fixed pick
 
 
 def test_guide_shows_the_committed_systemd_units():
