@@ -27,8 +27,9 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
 from make_images import synthetic_radiograph
-from xray_edge.contract import (AGE_GROUPS, CLASSES, INPUT_NAME, INPUT_SIZE, OUTPUT_NAME, Gate, LungCrop, ModelRecord,
-                                Outputs, Preprocessing, attach_record)
+from xray_edge.contract import (AGE_GROUPS, CLASSES, INPUT_NAME, INPUT_SIZE, OUTPUT_NAME, Gate, ModelRecord, Outputs,
+                                Preprocessing, attach_record)
+from xray_edge.recipe import LungCrop
 from xray_edge.lungs import finder_for
 from xray_edge.pipeline import prepare
 from xray_edge.preprocess import preprocess

@@ -58,12 +58,20 @@ def int8_unsupported() -> str | None:
 
 
 def to_fp16(proto: Any) -> Any:
-    """FP16 weights and activations; graph input and output stay float32 (``keep_io_types``)."""
+    """FP16 weights and activations; graph inputs and outputs stay float32 (``keep_io_types``), and so
+    do the default values of the site inputs (initializers named like a graph input)."""
     from onnxconverter_common import float16
 
+    inputs = {i.name for i in proto.graph.input}
+    defaults = [i for i in proto.graph.initializer if i.name in inputs]
+    for init in defaults:
+        proto.graph.initializer.remove(init)
     with warnings.catch_warnings():  # one warning per weight below fp16's smallest subnormal
         warnings.simplefilter("ignore", UserWarning)
-        return float16.convert_float_to_float16(proto, keep_io_types=True)
+        out = float16.convert_float_to_float16(proto, keep_io_types=True)
+    for target in (proto, out):
+        target.graph.initializer.extend(defaults)
+    return out
 
 
 def _method(name: str) -> Any:

@@ -183,7 +183,7 @@ def export_variants(opts: ExportOptions) -> list[Exported]:
     except Exception as e:  # Keras raises many types for unusable files
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise ExportDataError(f"{opts.model}: not an xray-edge Keras model with a 'logits' layer ({reason})") from None
-    inputs = read_inputs(opts, int(model.input.shape[1]))
+    inputs = read_inputs(opts, int(model.inputs[0].shape[1]))
     existing = [p for v in opts.variants if (p := target_path(opts, inputs.record, v)).exists()]
     if existing and not opts.force:
         raise ExportDataError(f"{', '.join(map(str, existing))} already exist(s); give another --out or --force "

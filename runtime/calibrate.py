@@ -15,7 +15,10 @@ from typing import Annotated, Any, NoReturn, Optional
 import numpy as np
 import typer
 
+from .session import predict
 from .terminal import Progress, say
+
+MAX_FILMS = 1000  # per folder: more adds nothing to a mean or a quantile, and every input is held in memory
 
 
 def calibrate(
@@ -32,7 +35,7 @@ def calibrate(
         "--model", "-m", metavar="FILE",
         help="ONNX model exported by xray-edge (default: the model shipped with this install).")] = None,
     method: Annotated[str, typer.Option(
-        help="How the site is corrected (docs/site-calibration.md): threshold.")] = "threshold",
+        help="How the site is corrected (docs/site-calibration.md): align, threshold or align+threshold.")] = "align",
     quantile: Annotated[float, typer.Option(
         min=0.5, max=0.995, help="Each finding's threshold is raised to this quantile of the normals' probability of it.")
     ] = 0.9,
@@ -53,8 +56,8 @@ def calibrate(
     for stream in (sys.stdout, sys.stderr):
         if hasattr(stream, "reconfigure"):
             stream.reconfigure(errors="backslashreplace")
-    if method not in site.RUNTIME_METHODS:
-        _usage(f"--method must be one of {', '.join(site.RUNTIME_METHODS)}, got {method!r}")
+    if method not in site.METHODS:
+        _usage(f"--method must be one of {', '.join(site.METHODS)}, got {method!r}")
     if out.suffix.lower() != ".json" or out.is_dir():
         _usage(f"--out must name a .json file, got '{out}'")
     if out.exists() and not force:
@@ -68,41 +71,48 @@ def calibrate(
         _usage(str(e))
     if findings is not None and not finding_files:
         _usage(f"--findings {findings} has no sub-folder named after a finding ({', '.join(loaded.record.findings())})")
+    if method.startswith("align") and site.reference(loaded.record) is None:
+        _usage(f"{loaded.path} has no site inputs: it cannot align features; use --method threshold")
 
-    scored = _score(loaded, normal_files, quiet)
     gate = (loaded.record.gate.threshold, loaded.record.gate.quantile) if loaded.record.gate else None
-    ok = [r for r in scored if r.ok]
-    use = site.usable(np.array([r.ood if r.ood is not None else 0.0 for r in ok]), gate)
-    kept = [r for r, u in zip(ok, use) if u]
-    for r in scored:
-        if not r.ok:
-            say(f"not used: {r.path}: {r.error}", err=True)
-    for r in (r for r, u in zip(ok, use) if not u):
-        say(f"not used: {r.path}: the input gate refuses it even for a site (not a usable chest X-ray for this model)",
+    x, paths = _inputs(loaded, normal_files, quiet)
+    before = predict(loaded, x, pooled=True) if len(x) else None
+    use = site.usable(before.ood if before is not None and before.ood is not None else np.zeros(len(x)), gate)
+    for path in np.array(paths, dtype=object)[~use]:
+        say(f"not used: {path}: the input gate refuses it even for a site (not a usable chest X-ray for this model)",
             err=True)
-    if len(kept) < site.MIN_NORMALS:
-        _usage(f"{len(kept)} usable normal films in {normals}; calibration needs at least {site.MIN_NORMALS} "
+    if use.sum() < site.MIN_NORMALS:
+        _usage(f"{int(use.sum())} usable normal films in {normals}; calibration needs at least {site.MIN_NORMALS} "
                "(docs/site-calibration.md says why)")
-    fitted = site.fit(method, loaded.classes, loaded.record.thresholds, gate,
-                      site.Scores(np.stack([r.probs for r in kept]),
-                                  np.array([r.ood for r in kept]) if gate else None), quantile=quantile)
-    calibrated = site.apply_fit(loaded, fitted)
-    effect = {"normals": _called(loaded, kept), "normals_after": _called(calibrated, kept), "findings": {}}
-    for c, files in finding_files.items():
-        results = [r for r in _score(loaded, files, quiet) if r.ok]
-        effect["findings"][c] = {"n": len(results), "sensitivity_before": _sensitivity(loaded, results, c),
-                                 "sensitivity_after": _sensitivity(calibrated, results, c)}
+    x = x[use]
+    normals_scores = site.Scores(before.probs[use], None if before.ood is None else before.ood[use],
+                                 None if before.pooled is None else before.pooled[use])
+
+    def rescore(scale: np.ndarray, shift: np.ndarray) -> site.Scores:
+        after = predict(loaded, x, alignment=(scale, shift))
+        return site.Scores(after.probs, after.ood, normals_scores.pooled)
+
+    try:
+        fitted = site.fit(method, loaded.classes, loaded.record.thresholds, gate, normals_scores, rescore,
+                          site.reference(loaded.record), quantile=quantile)
+    except site.SiteProfileError as e:
+        _usage(str(e))
     profile = site.SiteProfile(
         site=site_name, model_name=loaded.record.model_name, model_version=loaded.record.model_version,
         model_variant=loaded.record.variant, model_sha256=loaded.sha256, method=method,
         created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        counts={"normals_given": len(normal_files), "normals_used": len(kept),
-                "normals_not_used": len(normal_files) - len(kept),
+        counts={"normals_given": len(normal_files), "normals_used": int(use.sum()),
+                "normals_not_used": len(normal_files) - int(use.sum()),
                 "findings_given": {c: len(f) for c, f in finding_files.items()}},
-        fitted=fitted, settings={"quantile": quantile, "gate_cap": site.GATE_CAP},
-        effect=effect).sealed()
+        fitted=fitted, settings={"quantile": quantile, "align_shrink": site.ALIGN_SHRINK, "gate_cap": site.GATE_CAP})
+    calibrated = site.apply(loaded, profile, out)
+    profile.effect = {"normals": _called(loaded, x), "normals_after": _called(calibrated, x), "findings": {}}
+    for c, files in finding_files.items():
+        fx, _ = _inputs(loaded, files, quiet)
+        profile.effect["findings"][c] = {"n": len(fx), "sensitivity_before": _sensitivity(loaded, fx, c),
+                                         "sensitivity_after": _sensitivity(calibrated, fx, c)}
     try:
-        write_atomic(out, profile.to_json().encode())
+        write_atomic(out, profile.sealed().to_json().encode())
     except OSError as e:
         _usage(f"cannot write {out} ({e.strerror or e})")
     say(report(profile))
@@ -116,35 +126,45 @@ def _files(find_images: Any, folder: Path, recursive: bool) -> list[str]:
         files, _, _ = find_images([folder], recursive)
     except FileNotFoundError:
         raise ModelContractError(f"no such folder: {folder}") from None
-    return files
+    return files[:MAX_FILMS]
 
 
-def _score(model: Any, files: list[str], quiet: bool) -> list[Any]:
-    """Every file's result through the classify pipeline."""
-    from .pipeline import classify_paths
+def _inputs(model: Any, files: list[str], quiet: bool) -> tuple[np.ndarray, list[str]]:
+    """The model inputs of the files that decode (through the classify pipeline's preparation),
+    with their paths; the others are listed as not used."""
+    from .pipeline import prepared_batches
 
-    out = []
+    size = model.record.preprocessing.size
+    x, paths = [], []
     with Progress(len(files), hidden=quiet) as progress:
-        for batch in classify_paths(model, files):
-            out.extend(batch)
-            progress.update(len(batch), sum(not r.ok for r in batch))
-    return out
+        for batch in prepared_batches(files, model.record.preprocessing):
+            for p in batch:
+                if p.image is None:
+                    say(f"not used: {p.path}: {p.error}", err=True)
+                else:
+                    x.append(p.image)
+                    paths.append(p.path)
+            progress.update(len(batch), sum(p.image is None for p in batch))
+    return (np.stack(x) if x else np.zeros((0, size, size, 1), np.float32)), paths
 
 
-def _decisions(model: Any, results: list[Any]) -> list[Any]:
+def _decisions(model: Any, x: np.ndarray, alignment: Any = None) -> list[Any]:
     from .decision import decide
 
-    return [decide(model.record, r.probs, r.age, r.ood) for r in results]
+    out = predict(model, x, alignment=alignment)
+    return [decide(model.record, p, None if out.age is None else a, None if out.ood is None else d)
+            for p, a, d in zip(out.probs, out.age if out.age is not None else [None] * len(x),
+                               out.ood if out.ood is not None else [None] * len(x))]
 
 
-def _called(model: Any, results: list[Any]) -> dict[str, int]:
-    made = _decisions(model, results)
+def _called(model: Any, x: np.ndarray, alignment: Any = None) -> dict[str, int]:
+    made = _decisions(model, x, alignment)
     return {"n": len(made), "called_a_finding": sum(d.decision == "positive" for d in made),
             **{f"called_{c}": sum(c in d.flagged for d in made) for c in model.record.findings()}}
 
 
-def _sensitivity(model: Any, results: list[Any], finding: str) -> float | None:
-    made = _decisions(model, results)
+def _sensitivity(model: Any, x: np.ndarray, finding: str, alignment: Any = None) -> float | None:
+    made = _decisions(model, x, alignment) if len(x) else []
     return sum(finding in d.flagged for d in made) / len(made) if made else None
 
 

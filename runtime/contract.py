@@ -1,8 +1,8 @@
 """The model contract: the one source of truth shared by training, export, runtime and benchmark.
 
 Everything a model needs to be run correctly lives here: class names and order, input size,
-the preprocessing recipe (decode -> grey -> [lung crop] -> border crop -> resize -> intensity
-normalisation), the model's outputs and the rules applied to them (operating thresholds, the
+the preprocessing recipe (``recipe.Preprocessing``: decode -> grey -> [lung crop] -> border crop ->
+resize -> intensity normalisation), the model's outputs and the rules applied to them (operating thresholds, the
 "uncertain, refer" band, the input gate, age-group warnings, heatmap settings), all in the
 versioned metadata record stored inside every exported ONNX file (``metadata_props``).
 
@@ -18,14 +18,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
-import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Mapping
 
+from .recipe import INPUT_SIZE, ModelContractError, Preprocessing, number_problems, text_problems
+
 SCHEMA = "xray-edge/model-record"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: pooled output, site inputs and the site reference (site calibration)
+READS_VERSIONS = (2, 3)
 RECORD_KEY = "xray_edge.record"
 
 CLASSES: tuple[str, ...] = ("COVID", "NORMAL", "VIRAL_PNEUMONIA")
@@ -33,10 +34,8 @@ NEGATIVE_CLASS = "NORMAL"  # every other class is a finding: flagged, and a "pos
 AGE_GROUPS: tuple[str, ...] = ("adult", "child")
 INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
-INPUT_SIZE = 224
+SITE_INPUTS = ("site_scale", "site_shift")  # optional graph inputs (1, K): pooled features x scale + shift
 VARIANTS = ("fp32", "fp16", "int8")
-INTERPOLATIONS = ("area", "linear")
-INTENSITY_METHODS = ("percentile", "clahe")
 COLOURMAPS = ("jet", "inferno", "turbo")
 
 # VGG-19 ImageNet ("caffe" mode) channel means, in BGR order; applied inside the graph.
@@ -50,144 +49,6 @@ LICENCE = (
 INTENDED_USE = "Research screening aid only. Not a diagnostic device; every result needs a clinician."
 
 
-class ModelContractError(ValueError):
-    """A model file has no valid xray-edge record, or the record does not fit this runtime."""
-
-
-def _number(value: Any, name: str, low: float, high: float, *, low_open: bool = False) -> list[str]:
-    """Problems with a finite real number ``value`` in [low, high] ((low, high] if ``low_open``)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return [f"{name} {value!r} must be a finite number"]
-    if value < low or value > high or (low_open and value == low):
-        return [f"{name} {value!r} must be in {'(' if low_open else '['}{low:g}, {high:g}]"]
-    return []
-
-
-def _refuse_constant(name: str) -> None:
-    """JSON has no NaN or Infinity; Python's parser accepts them unless told not to."""
-    raise ValueError(f"{name} is not a JSON number")
-
-
-LUNG_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}\.onnx")  # a file in xray_edge.models, never a path
-
-
-def _text(value: Any, name: str, allowed: tuple[str, ...] | None = None) -> list[str]:
-    if not isinstance(value, str) or not value:
-        return [f"{name} {value!r} must be a non-empty string"]
-    if allowed is not None and value not in allowed:
-        return [f"{name} {value!r} must be one of {list(allowed)}"]
-    return []
-
-
-@dataclass(frozen=True)
-class LungCrop:
-    """Crop to the lung fields found by a small segmentation model before the rest of the recipe.
-
-    ``model`` names an ONNX file shipped in ``xray_edge.models`` (a bare file name, checked against
-    ``sha256``); it maps (N, size, size, 1) grey in [0, 1] to lung probabilities of the same
-    shape. The crop is the bounding box of the two largest regions with probability >=
-    ``threshold``, made symmetric about the vertical midline and widened by ``margin`` of its size
-    on every side; where the mask covers less than ``min_area`` of the image (no lungs found) the
-    whole image is used."""
-
-    model: str = ""
-    sha256: str = ""
-    size: int = 128
-    threshold: float = 0.5
-    margin: float = 0.1
-    min_area: float = 0.05
-
-    def problems(self) -> list[str]:
-        out = _text(self.model, "lung_crop.model")
-        if not out and not LUNG_MODEL_NAME.fullmatch(self.model):
-            out.append(f"lung_crop.model {self.model[:80]!r} must be a file name ending .onnx (letters, digits, "
-                       "'.', '_', '-'; no folders)")
-        if not isinstance(self.sha256, str) or not re.fullmatch(r"[0-9a-f]{64}", self.sha256):
-            out.append("lung_crop.sha256 must be a 64-character lower-case hex digest")
-        if not isinstance(self.size, int) or isinstance(self.size, bool) or not 16 <= self.size <= 1024:
-            out.append(f"lung_crop.size {self.size!r} must be an integer in [16, 1024]")
-        return (out + _number(self.threshold, "lung_crop.threshold", 0, 1, low_open=True)
-                + _number(self.margin, "lung_crop.margin", 0, 1) + _number(self.min_area, "lung_crop.min_area", 0, 1))
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """How a decoded image becomes the model input (outside the graph).
-
-    Order: decode to grey float in [0, 1] (bit depth and DICOM handled by the decoder) ->
-    optional lung-field crop (``lung_crop``) -> crop ``crop_fraction`` of each side (drops
-    borders, side markers and burned-in text near the edges) -> resize to ``size`` x ``size``
-    (``squash``: aspect ratio not kept, as in the training data) -> percentile intensity stretch
-    ``low``..``high`` to [0, 1] -> ``intensity``: nothing more (``percentile``), or CLAHE with
-    ``clahe_clip`` and ``clahe_tiles`` x ``clahe_tiles`` tiles (``clahe``).
-    """
-
-    version: int = 2
-    size: int = INPUT_SIZE
-    colour: str = "grey"
-    crop_fraction: float = 0.08
-    resize: str = "squash"
-    interpolation: str = "area"
-    intensity: str = "percentile"
-    low_percentile: float = 0.5
-    high_percentile: float = 99.5
-    clahe_clip: float = 2.0
-    clahe_tiles: int = 8
-    lung_crop: LungCrop | None = None
-    in_graph: tuple[str, ...] = ("scale_0_255", "grey_to_bgr", "vgg_caffe_mean_subtraction")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "Preprocessing":
-        if not isinstance(d, Mapping):
-            raise ModelContractError("preprocessing must be an object")
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ModelContractError(f"unknown preprocessing fields {sorted(unknown)}")
-        d = dict(d)
-        if isinstance(d.get("in_graph"), list):
-            d["in_graph"] = tuple(d["in_graph"])
-        crop = d.get("lung_crop")
-        if isinstance(crop, Mapping):
-            unknown = set(crop) - {f.name for f in fields(LungCrop)}
-            if unknown:
-                raise ModelContractError(f"unknown lung_crop fields {sorted(unknown)}")
-            d["lung_crop"] = LungCrop(**crop)
-        elif crop is not None:
-            raise ModelContractError("preprocessing.lung_crop must be an object or null")
-        p = cls(**d)
-        problems = p.problems()
-        if problems:
-            raise ModelContractError("invalid preprocessing: " + "; ".join(problems))
-        return p
-
-    def problems(self) -> list[str]:
-        """Every field whose type or value this runtime cannot apply."""
-        out = []
-        if self.version != 2:
-            out.append(f"preprocessing version {self.version!r} is not supported (this xray-edge applies version 2)")
-        if not isinstance(self.size, int) or isinstance(self.size, bool) or not 8 <= self.size <= 2048:
-            out.append(f"size {self.size!r} must be an integer in [8, 2048]")
-        if not isinstance(self.clahe_tiles, int) or isinstance(self.clahe_tiles, bool) or not 1 <= self.clahe_tiles <= 64:
-            out.append(f"clahe_tiles {self.clahe_tiles!r} must be an integer in [1, 64]")
-        out += _text(self.colour, "colour", ("grey",)) + _text(self.resize, "resize", ("squash",))
-        out += _text(self.interpolation, "interpolation", INTERPOLATIONS)
-        out += _text(self.intensity, "intensity", INTENSITY_METHODS)
-        out += _number(self.crop_fraction, "crop_fraction", 0, 0.45)
-        out += _number(self.low_percentile, "low_percentile", 0, 100) + _number(self.high_percentile, "high_percentile", 0, 100)
-        if not out and self.low_percentile >= self.high_percentile:
-            out.append("low_percentile must be below high_percentile")
-        out += _number(self.clahe_clip, "clahe_clip", 0, 100, low_open=True)
-        if self.in_graph != ("scale_0_255", "grey_to_bgr", "vgg_caffe_mean_subtraction"):
-            out.append(f"in_graph {list(self.in_graph)!r} is not the graph this runtime feeds")
-        if self.lung_crop is not None:
-            out += self.lung_crop.problems()
-        return out
-
-    def key(self) -> str:
-        """A stable string naming this recipe (used in feature-cache keys)."""
-        return json.dumps(asdict(self), sort_keys=True)
-
-
 @dataclass(frozen=True)
 class Outputs:
     """Names of the graph outputs by role. Only ``logits`` is required: a model without an age,
@@ -197,10 +58,11 @@ class Outputs:
     age_logits: str | None = None  # (N, len(AGE_GROUPS))
     ood_distance: str | None = None  # (N,) squared Mahalanobis distance to the training features
     cam: str | None = None  # (N, h, w, C) Grad-CAM map of every class
+    pooled: str | None = None  # (N, K) pooled image features, before any site alignment
 
     def problems(self) -> list[str]:
         names = [v for v in asdict(self).values() if v is not None]
-        out = [p for f, v in asdict(self).items() if v is not None for p in _text(v, f"outputs.{f}")]
+        out = [p for f, v in asdict(self).items() if v is not None for p in text_problems(v, f"outputs.{f}")]
         if len(set(names)) != len(names):
             out.append("output names must be distinct")
         return out
@@ -218,8 +80,8 @@ class Gate:
     val_rejection_rate: float = 0.0
 
     def problems(self) -> list[str]:
-        return (_number(self.threshold, "gate.threshold", 0, 1e12, low_open=True)
-                + _number(self.quantile, "gate.quantile", 0.5, 1) + _number(self.val_rejection_rate, "gate.val_rejection_rate", 0, 1))
+        return (number_problems(self.threshold, "gate.threshold", 0, 1e12, low_open=True)
+                + number_problems(self.quantile, "gate.quantile", 0.5, 1) + number_problems(self.val_rejection_rate, "gate.val_rejection_rate", 0, 1))
 
 
 @dataclass(frozen=True)
@@ -232,8 +94,30 @@ class Heatmap:
     alpha: float = 0.45
 
     def problems(self) -> list[str]:
-        return (_text(self.method, "heatmap.method", ("grad-cam",)) + _text(self.colourmap, "heatmap.colourmap", COLOURMAPS)
-                + _number(self.alpha, "heatmap.alpha", 0, 1))
+        return (text_problems(self.method, "heatmap.method", ("grad-cam",)) + text_problems(self.colourmap, "heatmap.colourmap", COLOURMAPS)
+                + number_problems(self.alpha, "heatmap.alpha", 0, 1))
+
+
+@dataclass(frozen=True)
+class SiteReference:
+    """The training normals' pooled features (mean and spread per feature, origins weighted
+    equally): what site calibration aligns a clinic's normals to (``xray_edge.site``)."""
+
+    normal_mean: tuple[float, ...] = ()
+    normal_std: tuple[float, ...] = ()
+
+    def problems(self) -> list[str]:
+        mean, std = self.normal_mean, self.normal_std
+        if not isinstance(mean, (list, tuple)) or not isinstance(std, (list, tuple)) or not mean or len(mean) != len(std):
+            return ["site_reference needs normal_mean and normal_std of one length"]
+        problems = [p for v in mean for p in number_problems(v, "site_reference.normal_mean", -1e6, 1e6)]
+        problems += [p for v in std for p in number_problems(v, "site_reference.normal_std", 0, 1e6, low_open=True)]
+        return problems[:1]
+
+
+def _refuse_constant(name: str) -> None:
+    """JSON has no NaN or Infinity; Python's parser accepts them unless told not to."""
+    raise ValueError(f"{name} is not a JSON number")
 
 
 def _sub(cls: type, value: Any, name: str) -> Any:
@@ -270,6 +154,9 @@ class ModelRecord:
     seen_age_groups: dict[str, list[str]] = field(default_factory=dict)
     gate: Gate | None = None
     heatmap: Heatmap | None = None
+    # Site calibration by feature alignment: the graph's inputs (SITE_INPUTS) and what they align to.
+    site_inputs: list[str] = field(default_factory=list)
+    site_reference: SiteReference | None = None
     source_model_sha256: str = ""
     data_manifest_sha256: str = ""
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -309,10 +196,11 @@ class ModelRecord:
             raise ModelContractError(f"{source}: metadata record is not valid JSON ({e})") from None
         if not isinstance(d, dict) or d.get("schema") != SCHEMA:
             raise ModelContractError(f"{source}: metadata record has no '{SCHEMA}' schema")
-        if d.get("schema_version") != SCHEMA_VERSION:
+        if d.get("schema_version") not in READS_VERSIONS:
             raise ModelContractError(
                 f"{source}: record schema version {d.get('schema_version')!r} is not supported "
-                f"(this xray-edge reads version {SCHEMA_VERSION}); use the xray-edge version that exported it"
+                f"(this xray-edge reads versions {', '.join(map(str, READS_VERSIONS))}); use the xray-edge version "
+                "that exported it"
             )
         unknown = set(d) - {f.name for f in fields(cls)}
         if unknown:
@@ -322,6 +210,7 @@ class ModelRecord:
             d["outputs"] = _sub(Outputs, d.get("outputs", {}), "outputs")
             d["gate"] = _sub(Gate, d.get("gate"), "gate")
             d["heatmap"] = _sub(Heatmap, d.get("heatmap"), "heatmap")
+            d["site_reference"] = _sub(SiteReference, d.get("site_reference"), "site_reference")
             rec = cls(**d)
         except (TypeError, ModelContractError) as e:
             raise ModelContractError(f"{source}: invalid metadata record ({e})") from None
@@ -338,10 +227,10 @@ class ModelRecord:
         out += self.preprocessing.problems() if isinstance(self.preprocessing, Preprocessing) else ["bad preprocessing"]
         out += self.outputs.problems() if isinstance(self.outputs, Outputs) else ["bad outputs"]
         for name in ("model_name", "model_version", "input_name", "licence", "intended_use"):
-            out += _text(getattr(self, name), name)
-        out += _text(self.variant, "variant", VARIANTS) + _text(self.output_kind, "output_kind", ("logits", "probabilities"))
-        out += _number(self.temperature, "temperature", 0, 100, low_open=True)
-        out += _number(self.abstain_margin, "abstain_margin", 0, 1)
+            out += text_problems(getattr(self, name), name)
+        out += text_problems(self.variant, "variant", VARIANTS) + text_problems(self.output_kind, "output_kind", ("logits", "probabilities"))
+        out += number_problems(self.temperature, "temperature", 0, 100, low_open=True)
+        out += number_problems(self.abstain_margin, "abstain_margin", 0, 1)
         classes = self.classes if isinstance(self.classes, list) else []
         if not isinstance(self.thresholds, dict):
             out.append("thresholds must be an object")
@@ -349,7 +238,7 @@ class ModelRecord:
             for c, t in self.thresholds.items():
                 if c not in classes or c == NEGATIVE_CLASS:
                     out.append(f"threshold for {c!r}: only finding classes of this model have thresholds")
-                out += _number(t, f"thresholds[{c}]", 0, 1)
+                out += number_problems(t, f"thresholds[{c}]", 0, 1)
         if not isinstance(self.seen_age_groups, dict):
             out.append("seen_age_groups must be an object")
         else:
@@ -366,6 +255,13 @@ class ModelRecord:
             out += self.heatmap.problems() if isinstance(self.heatmap, Heatmap) else ["bad heatmap"]
             if self.outputs.cam is None:
                 out.append("heatmap settings need a cam output")
+        if self.site_inputs:
+            if self.site_inputs != list(SITE_INPUTS) or self.outputs.pooled is None or self.site_reference is None:
+                out.append(f"site_inputs must be {list(SITE_INPUTS)}, with a pooled output and a site_reference")
+            elif isinstance(self.site_reference, SiteReference):
+                out += self.site_reference.problems()
+            else:
+                out.append("bad site_reference")
         size = getattr(self.preprocessing, "size", None)
         if not isinstance(self.input_shape, list) or len(self.input_shape) != 4 or self.input_shape[1:] != [size, size, 1]:
             out.append(f"input_shape {self.input_shape!r} does not match preprocessing size")

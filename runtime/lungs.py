@@ -15,8 +15,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .contract import LungCrop, ModelContractError, Preprocessing
-from .preprocess import LungBox, normalise_intensity
+from .recipe import LungCrop, ModelContractError, Preprocessing
+from .preprocess import LungBox, normalise_intensity, resize
 from .session import read_model_file
 
 LUNG_RECORD_KEY = "xray_edge.lung_record"
@@ -24,8 +24,7 @@ LUNG_RECORD_KEY = "xray_edge.lung_record"
 
 def model_input(grey: np.ndarray, size: int) -> np.ndarray:
     """(size, size, 1) float32 input of the segmentation model for a grey image in [0, 1]."""
-    small = cv2.resize(grey.astype(np.float32, copy=False), (size, size), interpolation=cv2.INTER_AREA)
-    return normalise_intensity(small, 0.5, 99.5)[:, :, None]
+    return normalise_intensity(resize(grey.astype(np.float32, copy=False), size), 0.5, 99.5)[:, :, None]
 
 
 def lung_mask(probs: np.ndarray, threshold: float) -> np.ndarray:

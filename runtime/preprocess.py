@@ -20,7 +20,8 @@ REDUCED_DECODE_MARGIN = 2
 # 0.6 lets a 3000 px image be decoded at 1/4 (0.5 would need 1/2: JPEG 2000 ~3x slower).
 LUNG_BOX_MIN_SIDE = 0.6
 
-_INTERPOLATION = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
+# The resize's implementation: part of the training feature cache's key (change it when the resize changes).
+RESIZE = "numpy fixed-order area/linear v1"
 
 # (grey image) -> (top, bottom, left, right) box of the lung fields, or None where none was found
 LungBox = Callable[[np.ndarray], "tuple[int, int, int, int] | None"]
@@ -87,12 +88,53 @@ def preprocess(grey: np.ndarray, spec: Preprocessing, reduction: Reduction | Non
             top, bottom, left, right = box
             grey, reduction = grey[top:bottom, left:right], None  # the box is cut on the decoded grid
     if reduction is None:
-        img = unit_float(crop_border(grey, spec.crop_fraction))
-        img = cv2.resize(img, (spec.size, spec.size), interpolation=_INTERPOLATION[spec.interpolation])
+        img = resize(unit_float(crop_border(grey, spec.crop_fraction)), spec.size, spec.interpolation)
     else:
         img = _resize_reduced(unit_float(grey), reduction, spec)
     img = equalise(normalise_intensity(img, spec.low_percentile, spec.high_percentile), spec)
     return img[:, :, None]
+
+
+def resize(img: np.ndarray, size: int, interpolation: str = "area") -> np.ndarray:
+    """A float32 image resized to ``size`` x ``size`` as OpenCV's INTER_AREA (``area``: averages where
+    it shrinks both sides, else its area-weighted linear interpolation) or INTER_LINEAR (``linear``)
+    does, but in numpy, in a fixed order of float operations, so that every CPU gives the same
+    bits: OpenCV's SIMD resize differs in the last bits between x86 and ARM, and the int8 rounding
+    of a model's input can turn that into a moved lung box."""
+    h, w = img.shape
+    if interpolation == "area" and h >= size and w >= size:
+        rows, row_weights = _area_taps(0.0, h, size, h)
+        cols, col_weights = _area_taps(0.0, w, size, w)
+    else:
+        area = interpolation == "area"
+        (rows, row_weights), (cols, col_weights) = _linear_taps(size, h, area), _linear_taps(size, w, area)
+    return _apply_taps(img, rows, row_weights, cols, col_weights)
+
+
+def _apply_taps(img: np.ndarray, rows: np.ndarray, row_weights: np.ndarray, cols: np.ndarray,
+                col_weights: np.ndarray) -> np.ndarray:
+    """Separable resampling: each output row a weighted sum of ``rows``, then each column of ``cols``."""
+    img = (img[rows] * row_weights[:, :, None]).sum(axis=1)
+    return (img[:, cols] * col_weights).sum(axis=2)
+
+
+def _linear_taps(n: int, length: int, area: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """Source indices and weights, both (n, 2), of OpenCV's linear resize of ``length`` pixels to
+    ``n``: pixel centres aligned, or with ``area`` the weights of its INTER_AREA when enlarging
+    (each output pixel takes its source pixel, blended with the next where it straddles their
+    border); edges clamped."""
+    scale, dst = length / n, np.arange(n)
+    if area:
+        left = np.floor(dst * scale).astype(np.intp)
+        frac = (dst + 1) - (left + 1) / scale
+        frac = np.where(frac <= 0, 0.0, frac - np.floor(frac))
+    else:
+        x = (dst + 0.5) * scale - 0.5
+        left = np.floor(x).astype(np.intp)
+        frac = x - left
+    frac = np.where(left < 0, 0.0, frac).astype(np.float32)
+    left = np.clip(left, 0, length - 1)
+    return np.stack([left, np.minimum(left + 1, length - 1)], axis=1), np.stack([1 - frac, frac], axis=1)
 
 
 def _resize_reduced(img: np.ndarray, reduction: Reduction, spec: Preprocessing) -> np.ndarray:
@@ -102,8 +144,7 @@ def _resize_reduced(img: np.ndarray, reduction: Reduction, spec: Preprocessing) 
     dy, dx = _margins(height, width, spec.crop_fraction)
     rows, row_weights = _area_taps((dy - origin) / scale, (height - dy - origin) / scale, spec.size, img.shape[0])
     cols, col_weights = _area_taps((dx - origin) / scale, (width - dx - origin) / scale, spec.size, img.shape[1])
-    img = (img[rows] * row_weights[:, :, None]).sum(axis=1)
-    return (img[:, cols] * col_weights).sum(axis=2)
+    return _apply_taps(img, rows, row_weights, cols, col_weights)
 
 
 def _area_taps(start: float, stop: float, n: int, length: int) -> tuple[np.ndarray, np.ndarray]:

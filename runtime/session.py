@@ -61,6 +61,7 @@ class Prediction:
     age: np.ndarray | None  # (N, len(AGE_GROUPS)) float64 age-group probabilities
     ood: np.ndarray | None  # (N,) float64 distance of the image's features to the training data
     cam: np.ndarray | None  # (N, h, w, C) float32 Grad-CAM maps (only when asked for)
+    pooled: np.ndarray | None = None  # (N, K) float32 pooled features before site alignment (only when asked for)
 
 
 def read_model_file(path: Path, what: str = "model file") -> bytes:
@@ -116,10 +117,17 @@ def check_io(session: ort.InferenceSession, record: ModelRecord, source: str) ->
     shape = list(inputs[0].shape)
     if len(shape) != 4 or shape[1:] != record.input_shape[1:]:
         raise ModelContractError(f"{source}: model input shape {shape} does not match the record's {record.input_shape}")
+    # site inputs are graph inputs with default values, which onnxruntime lists as overridable initializers
+    k = len(record.site_reference.normal_mean) if record.site_reference is not None else None
+    site = {i.name: list(i.shape) for i in session.get_overridable_initializers() if i.name in record.site_inputs}
+    if site != {name: [1, k] for name in record.site_inputs}:
+        raise ModelContractError(f"{source}: the model's site inputs {site} are not the record's {record.site_inputs} "
+                                 f"of shape [1, {k}]")
     outputs = {o.name: o.shape for o in session.get_outputs()}
     n = len(record.classes)
     expected = {record.outputs.logits: (2, n), record.outputs.age_logits: (2, len(AGE_GROUPS)),
-                record.outputs.ood_distance: (1, None), record.outputs.cam: (4, n)}
+                record.outputs.ood_distance: (1, None), record.outputs.cam: (4, n),
+                record.outputs.pooled: (2, k)}
     for name, (rank, last) in expected.items():
         if name is None:
             continue
@@ -131,8 +139,10 @@ def check_io(session: ort.InferenceSession, record: ModelRecord, source: str) ->
                                      f"rank {rank}{f' with {last} at the end' if last else ''}")
 
 
-def run_outputs(model: LoadedModel, batch: np.ndarray, names: list[str]) -> list[np.ndarray]:
-    """Run the model on a (N, S, S, 1) float32 batch; returns the named raw outputs.
+def run_outputs(model: LoadedModel, batch: np.ndarray, names: list[str],
+                alignment: tuple[np.ndarray, np.ndarray] | None = None) -> list[np.ndarray]:
+    """Run the model on a (N, S, S, 1) float32 batch; returns the named raw outputs. The site inputs
+    get ``alignment`` (scale, shift), else the model's site profile's, else their defaults.
 
     A model exported with a fixed batch size is fed in chunks of that size (last one padded)."""
     size = model.record.preprocessing.size
@@ -142,14 +152,26 @@ def run_outputs(model: LoadedModel, batch: np.ndarray, names: list[str]) -> list
     fixed = model.session.get_inputs()[0].shape[0]
     step = fixed if isinstance(fixed, int) and fixed > 0 else max(len(batch), 1)
     parts: list[list[np.ndarray]] = [[] for _ in names]
+    feeds = site_feeds(model, alignment)
     for start in range(0, max(len(batch), 1), step):
         chunk = batch[start : start + step]
         n = len(chunk)
         if n < step:
             chunk = np.concatenate([chunk, np.zeros((step - n, *chunk.shape[1:]), np.float32)])
-        for part, out in zip(parts, model.session.run(names, {model.record.input_name: chunk})):
+        for part, out in zip(parts, model.session.run(names, {model.record.input_name: chunk, **feeds})):
             part.append(out[:n])
     return [np.concatenate(p) for p in parts]
+
+
+def site_feeds(model: LoadedModel, alignment: tuple[np.ndarray, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """What to feed the site inputs: ``alignment``, else the model's site profile's when it aligns
+    features, else nothing (the graph's identity defaults)."""
+    fitted = model.site.fitted if model.site is not None else None
+    if alignment is None and fitted is not None and fitted.scale is not None:
+        alignment = (fitted.scale, fitted.shift)
+    if alignment is None:
+        return {}
+    return {name: np.asarray(v, np.float32).reshape(1, -1) for name, v in zip(model.record.site_inputs, alignment)}
 
 
 def predict_logits(model: LoadedModel, batch: np.ndarray) -> np.ndarray:
@@ -157,11 +179,14 @@ def predict_logits(model: LoadedModel, batch: np.ndarray) -> np.ndarray:
     return run_outputs(model, batch, [model.record.outputs.logits])[0]
 
 
-def predict(model: LoadedModel, batch: np.ndarray, cam: bool = False) -> Prediction:
-    """Class and age-group probabilities, gate distance and (if ``cam``) Grad-CAM maps."""
+def predict(model: LoadedModel, batch: np.ndarray, cam: bool = False, pooled: bool = False,
+            alignment: tuple[np.ndarray, np.ndarray] | None = None) -> Prediction:
+    """Class and age-group probabilities, gate distance and, if asked for, Grad-CAM maps and the
+    pooled features (before any site alignment); ``alignment``: as ``run_outputs``."""
     o = model.record.outputs
-    names = [o.logits] + [n for n in (o.age_logits, o.ood_distance) if n] + ([o.cam] if cam and o.cam else [])
-    got = dict(zip(names, run_outputs(model, batch, names)))
+    names = ([o.logits] + [n for n in (o.age_logits, o.ood_distance) if n] + ([o.cam] if cam and o.cam else [])
+             + ([o.pooled] if pooled and o.pooled else []))
+    got = dict(zip(names, run_outputs(model, batch, names, alignment)))
     logits = got[o.logits]
     if model.record.output_kind == "probabilities":
         logits = np.log(np.clip(logits.astype(np.float64), 1e-12, None))
@@ -170,6 +195,7 @@ def predict(model: LoadedModel, batch: np.ndarray, cam: bool = False) -> Predict
         age=softmax(got[o.age_logits]) if o.age_logits else None,
         ood=np.asarray(got[o.ood_distance], np.float64).reshape(len(batch)) if o.ood_distance else None,
         cam=got.get(o.cam) if cam else None,
+        pooled=got.get(o.pooled) if pooled else None,
     )
 
 

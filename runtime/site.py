@@ -37,8 +37,7 @@ from .contract import NEGATIVE_CLASS, ModelContractError
 
 SCHEMA = "xray-edge/site-profile"
 SCHEMA_VERSION = 1
-METHODS = ("threshold", "align", "align+threshold")  # what ``fit`` computes (the simulation compares them)
-RUNTIME_METHODS = ("threshold",)  # what a profile may carry for ``classify`` to apply
+METHODS = ("threshold", "align", "align+threshold")
 DEFAULT_METHOD = "threshold"
 DEFAULT_QUANTILE = 0.9  # of the site normals' probability of each finding
 ALIGN_SHRINK = 10.0  # pseudo-count of training normals the site's mean and spread are shrunk towards
@@ -77,15 +76,16 @@ def usable(distance: np.ndarray, gate: tuple[float, float] | None) -> np.ndarray
     return np.ones(len(distance), bool) if gate is None else np.asarray(distance) <= GATE_CAP * gate[0]
 
 
-def alignment(pooled: np.ndarray, mean: np.ndarray, std: np.ndarray,
-              shrink: float = ALIGN_SHRINK) -> tuple[np.ndarray, np.ndarray]:
+def alignment(pooled: np.ndarray, mean: np.ndarray, std: np.ndarray, shrink: float = ALIGN_SHRINK,
+              spread: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(scale, shift) that move the site normals' ``pooled`` features to the training normals'
-    ``mean`` and ``std``; the site's own mean and variance are shrunk towards the training ones by
-    ``shrink`` pseudo-images (a few films estimate hundreds of features poorly)."""
+    ``mean`` (and ``std`` with ``spread``; else scale 1); the site's own mean and variance are
+    shrunk towards the training ones by ``shrink`` pseudo-images (a few films estimate hundreds of
+    features poorly)."""
     k = len(pooled)
     site_mean = (k * pooled.mean(axis=0) + shrink * mean) / (k + shrink)
     site_var = (k * pooled.var(axis=0) + shrink * std ** 2) / (k + shrink)
-    scale = np.clip(std / np.sqrt(np.maximum(site_var, 1e-12)), *SCALE_RANGE)
+    scale = np.clip(std / np.sqrt(np.maximum(site_var, 1e-12)), *SCALE_RANGE) if spread else np.ones_like(mean)
     return scale.astype(np.float32), (mean - scale * site_mean).astype(np.float32)
 
 
@@ -98,7 +98,7 @@ def raised_thresholds(thresholds: dict[str, float], classes: Sequence[str], prob
 def fit(method: str, classes: Sequence[str], thresholds: dict[str, float], gate: tuple[float, float] | None,
         normals: Scores, rescore: Callable[[np.ndarray, np.ndarray], Scores] | None = None,
         reference: tuple[np.ndarray, np.ndarray] | None = None, quantile: float = DEFAULT_QUANTILE,
-        shrink: float = ALIGN_SHRINK) -> SiteFit:
+        shrink: float = ALIGN_SHRINK, spread: bool = True) -> SiteFit:
     """The site correction by ``method`` from the site's ``normals`` (their outputs without one).
     ``gate``: (limit, quantile) of the model's gate, None without one. Alignment needs the
     training normals' ``reference`` (mean, std) and ``rescore`` (scale, shift) -> the normals'
@@ -111,7 +111,7 @@ def fit(method: str, classes: Sequence[str], thresholds: dict[str, float], gate:
         if reference is None or rescore is None or normals.pooled is None:
             raise SiteProfileError("this model cannot align features (no pooled output and site inputs); "
                                    "use --method threshold")
-        scale, shift = alignment(normals.pooled, *reference, shrink)
+        scale, shift = alignment(normals.pooled, *reference, shrink, spread)
         scores = rescore(scale, shift)
     fitted = raised_thresholds(thresholds, classes, scores.probs, quantile) if method.endswith("threshold") \
         else dict(thresholds)
@@ -211,8 +211,8 @@ def _problems(p: SiteProfile) -> list[str]:
     out = [f"{name} must be a non-empty string" for name in ("site", "model_name", "model_version", "model_variant",
                                                              "model_sha256", "created")
            if not isinstance(getattr(p, name), str) or not getattr(p, name)]
-    if p.method not in RUNTIME_METHODS:
-        out.append(f"method {p.method!r} must be one of {list(RUNTIME_METHODS)}")
+    if p.method not in METHODS:
+        out.append(f"method {p.method!r} must be one of {list(METHODS)}")
     f = p.fitted
     if not isinstance(f.thresholds, dict) or not all(isinstance(c, str) and _finite(t) and 0 <= t <= 1
                                                      for c, t in f.thresholds.items()):
@@ -242,16 +242,23 @@ def check_fits(profile: SiteProfile, path: str | Path, model: Any) -> None:
         raise SiteProfileError(f"{path}: the site profile's thresholds do not name this model's findings")
     if (profile.fitted.gate_threshold is None) != (r.gate is None):
         raise SiteProfileError(f"{path}: the site profile's gate does not match this model's")
-
-
-def apply_fit(model: Any, fitted: SiteFit) -> Any:
-    """``model`` (a ``session.LoadedModel``) with ``fitted``'s thresholds and gate limit in its record."""
-    gate = model.record.gate
-    return replace(model, record=replace(model.record, thresholds=dict(fitted.thresholds),
-                                         gate=None if gate is None else replace(gate, threshold=fitted.gate_threshold)))
+    if profile.fitted.scale is not None and (not r.site_inputs or len(profile.fitted.scale)
+                                             != len(r.site_reference.normal_mean)):
+        raise SiteProfileError(f"{path}: the site profile aligns features this model has no site inputs for")
 
 
 def apply(model: Any, profile: SiteProfile, path: str | Path) -> Any:
-    """``model`` with the profile applied and attached; SiteProfileError if it does not fit."""
+    """``model`` (a ``session.LoadedModel``) with the profile's thresholds and gate limit in its
+    record and the profile attached (``session.predict`` feeds its alignment to the site inputs);
+    SiteProfileError if it does not fit."""
     check_fits(profile, path, model)
-    return replace(apply_fit(model, profile.fitted), site=profile)
+    gate, fitted = model.record.gate, profile.fitted
+    record = replace(model.record, thresholds=dict(fitted.thresholds),
+                     gate=None if gate is None else replace(gate, threshold=fitted.gate_threshold))
+    return replace(model, record=record, site=profile)
+
+
+def reference(record: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """The training normals' (mean, std) a model's record carries, for alignment (None without)."""
+    ref = record.site_reference
+    return None if ref is None or not record.site_inputs else (np.asarray(ref.normal_mean), np.asarray(ref.normal_std))

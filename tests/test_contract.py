@@ -8,7 +8,8 @@ import pytest
 from onnx import numpy_helper
 
 from tiny_model import make_tiny_onnx, tiny_record
-from xray_edge.contract import (LungCrop, ModelContractError, ModelRecord, Preprocessing, onnx_graph_bytes)
+from xray_edge.contract import ModelContractError, ModelRecord, Preprocessing, onnx_graph_bytes
+from xray_edge.recipe import LungCrop
 from xray_edge.session import load_model, predict
 
 SIZE = 32

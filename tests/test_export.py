@@ -68,13 +68,23 @@ def test_fp32_onnx_matches_keras_on_every_output(trained, roots, exported):
 
     import xray_edge.train.model  # noqa: F401 (registers the model's layers)
 
+    from xray_edge.export.convert import site_probe
+    from xray_edge.train.model import image_only
+
     model = keras.saving.load_model(trained / "model.keras", compile=False)
     x, _, _ = images(trained, roots, "val")
-    want = model.predict(x, verbose=0)
+    want = image_only(model).predict(x, verbose=0)
     got = run_onnx(variant(exported, "fp32"), x)
-    assert list(got) == ["logits", "age_logits", "ood_distance", "cam"]
+    assert list(got) == ["logits", "age_logits", "ood_distance", "cam", "pooled"]
     for name in got:
         assert np.abs(got[name] - want[name]).max() <= 1e-3 * max(1.0, np.abs(want[name]).max()), name
+    site = site_probe(model, seed=3)  # the site inputs: the aligned model, in Keras and in the graph
+    want = model([x, site["site_scale"], site["site_shift"]], training=False)
+    session = ort.InferenceSession(str(variant(exported, "fp32")), providers=["CPUExecutionProvider"])
+    aligned = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"image": x, **site})))
+    for name in ("logits", "ood_distance", "cam"):
+        assert np.abs(aligned[name] - np.asarray(want[name])).max() <= 1e-3 * max(1.0, np.abs(want[name]).max()), name
+    assert np.array_equal(aligned["pooled"], got["pooled"]) and not np.allclose(aligned["logits"], got["logits"])
     single = run_onnx(variant(exported, "fp32"), x[:1])
     assert np.allclose(single["logits"], got["logits"][:1], atol=1e-5)  # batch of 1 and of many
     session = ort.InferenceSession(str(variant(exported, "fp32")), providers=["CPUExecutionProvider"])

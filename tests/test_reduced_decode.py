@@ -203,3 +203,18 @@ def test_lung_crop_recipe_is_decoded_reduced_within_tolerance(tmp_path):
     same_box = preprocess(full, spec, lung_box=lambda g: tuple(2 * v for v in reduced_box))
     diff = np.abs(prepare(path, spec).image - same_box)
     assert diff.max() <= TOL_MAX and diff.mean() <= TOL_MEAN, (diff.max(), diff.mean())
+
+
+@pytest.mark.parametrize("shape", [(2000, 1800), (300, 224), (160, 180), (100, 90), (224, 50), (224, 224)])
+@pytest.mark.parametrize("interpolation", ["area", "linear"])
+def test_the_fixed_order_resize_is_opencvs_to_float_rounding(shape, interpolation):
+    """preprocess.resize computes what cv2.resize does (area: averaging when it shrinks, OpenCV's
+    area-weighted interpolation when it enlarges), in numpy's fixed order of operations."""
+    from xray_edge.preprocess import resize
+
+    img = np.random.default_rng(sum(shape)).random(shape, dtype=np.float32)
+    flag = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}[interpolation]
+    want = cv2.resize(img, (224, 224), interpolation=flag)
+    got = resize(img, 224, interpolation)
+    assert got.dtype == np.float32 and got.shape == (224, 224)
+    np.testing.assert_allclose(got, want, atol=5e-7)

@@ -45,7 +45,8 @@ def outputs(model_path, paths):
 
 def test_calibrate_writes_a_profile_that_classify_applies_to_every_row(tmp_path, model, normals):
     out = tmp_path / "site.json"
-    result = invoke("calibrate", normals, "--out", out, "--model", model, "--name", "clinic-a", "-q")
+    result = invoke("calibrate", normals, "--out", out, "--model", model, "--name", "clinic-a", "--method", "threshold",
+                    "-q")
     assert result.exit_code == 0, result.output
     profile = site.read_profile(out)
     assert profile.model_sha256 == load_model(model).sha256 and profile.method == "threshold"
@@ -82,7 +83,7 @@ def test_too_few_normals_are_refused(tmp_path, model):
     for i in range(site.MIN_NORMALS - 1):
         write(folder / f"n{i}.png", as_uint8(xray_like(seed=i)))
     (folder / "broken.png").write_bytes(b"not a png")
-    result = invoke("calibrate", folder, "--out", tmp_path / "site.json", "--model", model, "-q")
+    result = invoke("calibrate", folder, "--out", tmp_path / "site.json", "--model", model, "--method", "threshold", "-q")
     assert result.exit_code == 2 and f"at least {site.MIN_NORMALS}" in result.output
     assert "not used: " in result.output and "broken.png" in result.output
     assert not (tmp_path / "site.json").exists() and "Traceback" not in result.output
@@ -91,7 +92,7 @@ def test_too_few_normals_are_refused(tmp_path, model):
 @pytest.fixture
 def profile(tmp_path, model, normals):
     out = tmp_path / "site.json"
-    assert invoke("calibrate", normals, "--out", out, "--model", model, "-q").exit_code == 0
+    assert invoke("calibrate", normals, "--out", out, "--model", model, "--method", "threshold", "-q").exit_code == 0
     return out
 
 
@@ -140,10 +141,46 @@ def test_the_gate_is_recentred_on_the_site_within_its_cap(tmp_path, normals):
     before = invoke("classify", normals, blank, "-m", model_out, "-q")
     assert before.output.count("REJECTED") > 15
     out = tmp_path / "site.json"
-    result = invoke("calibrate", normals, "--out", out, "--model", model_out, "-q")
+    result = invoke("calibrate", normals, "--out", out, "--model", model_out, "--method", "threshold", "-q")
     assert result.exit_code == 0, result.output
     fitted = site.read_profile(out).fitted
     assert limit < fitted.gate_threshold <= site.GATE_CAP * limit
     after = invoke("classify", normals, blank, "-m", model_out, "--site", out, "-q")
     rejected = [line.split()[0] for line in after.output.splitlines() if "REJECTED" in line]
     assert any(name.endswith("page.png") for name in rejected) and len(rejected) <= 2  # the gate quantile: 0.99
+
+
+def test_alignment_moves_the_sites_normals_to_the_training_normals(tmp_path):
+    """A site whose films are brighter on one side (its machine's processing): --method align fits a
+    scale and shift per pooled feature; classify --site feeds them to the model's site inputs and
+    gives exactly what the model gives with them, and the site's normals land nearer the training
+    normals (smaller gate distances)."""
+    model = make_tiny_onnx(tmp_path / "aligned.onnx", size=SIZE, record=tiny_record(SIZE, thresholds=THRESHOLDS),
+                           site=True)
+    folder = tmp_path / "site"
+    folder.mkdir()
+    ramp = np.linspace(0.0, 0.35, 80)[None, :]  # this site's films: brighter towards the right
+    for i in range(30):
+        write(folder / f"n{i:02d}.png", as_uint8(np.clip(xray_like(seed=200 + i) * 0.65 + ramp, 0, 1)))
+    out = tmp_path / "site.json"
+    result = invoke("calibrate", folder, "--out", out, "--model", model, "--method", "align", "-q")
+    assert result.exit_code == 0, result.output
+    profile = site.read_profile(out)
+    scale, shift = np.array(profile.fitted.scale), np.array(profile.fitted.shift)
+    assert scale.shape == shift.shape == (16,) and not np.allclose(shift, 0)
+
+    paths = sorted(folder.iterdir())
+    m = load_model(model)
+    x = np.stack([prepare(p, m.record.preprocessing).image for p in paths])
+    plain, aligned = predict(m, x, pooled=True), predict(m, x, alignment=(scale, shift))
+    assert aligned.ood.mean() < plain.ood.mean()  # nearer the training normals' centre
+    rows_out = tmp_path / "rows.jsonl"
+    assert invoke("classify", folder, "-m", model, "--site", out, "-o", rows_out, "-q").exit_code == 0
+    rows = [json.loads(line) for line in rows_out.read_text().splitlines()]
+    np.testing.assert_allclose([[r[f"p_{c}"] for c in CLASSES] for r in rows], aligned.probs, atol=2e-6)
+    assert {r["site"] for r in rows} == {profile.label} and "(align, " in profile.label
+
+
+def test_alignment_needs_a_model_with_site_inputs(tmp_path, model, normals):
+    result = invoke("calibrate", normals, "--out", tmp_path / "site.json", "--model", model, "--method", "align", "-q")
+    assert result.exit_code == 2 and "cannot align features" in result.output and "Traceback" not in result.output

@@ -190,13 +190,17 @@ def test_gradcam_layer_matches_tensorflow_gradients():
     from xray_edge.train.model import build_head, grad_cam_layer
 
     rng = np.random.default_rng(0)
-    for kind in ("gap", "flatten"):
+    identity = (tf.ones((1, 8)), tf.zeros((1, 8)))
+    aligned = (tf.constant(rng.uniform(0.5, 2, (1, 8)).astype(np.float32)),
+               tf.constant(rng.normal(0, 0.3, (1, 8)).astype(np.float32)))
+    for kind, (scale, shift) in (("gap", identity), ("flatten", identity), ("gap", aligned), ("flatten", aligned)):
         head = build_head((2, 2, 8), kind, n_classes=3, seed=1)
         a = tf.constant(rng.uniform(0, 1, (3, 4, 4, 8)).astype(np.float32))
-        cam = np.asarray(grad_cam_layer(head, (2, 2, 8))(a))
+        cam = np.asarray(grad_cam_layer(head, (2, 2, 8))([a, scale, shift]))
         with tf.GradientTape(persistent=True) as tape:
-            tape.watch(a)
-            logits = head(keras.layers.MaxPooling2D(2)(a), training=False)
+            tape.watch(a)  # the site alignment (scale, shift per channel) sits between the pool and the head
+            logits = head(keras.layers.MaxPooling2D(2)(a) * scale[:, None, None, :] + shift[:, None, None, :],
+                          training=False)
             scores = [logits[:, c] for c in range(3)]
         for c in range(3):
             grads = tape.gradient(scores[c], a).numpy()
@@ -222,7 +226,7 @@ def test_gradcam_points_at_the_region_the_decision_rests_on():
     head = build_head((2, 2, 6), "gap", n_classes=3, dropout=0.0)
     head.compile(keras.optimizers.Adam(1e-2), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     head.fit(keras.layers.MaxPooling2D(2)(a).numpy(), y, epochs=60, verbose=0)
-    cam = np.asarray(grad_cam_layer(head, (2, 2, 6))(a))
+    cam = np.asarray(grad_cam_layer(head, (2, 2, 6))([a, np.ones((1, 6), np.float32), np.zeros((1, 6), np.float32)]))
     for cls, corner in ((0, (0, 0)), (2, (3, 3))):
         peaks = [np.unravel_index(np.argmax(c[..., cls]), (4, 4)) for c in cam[y == cls]]
         assert np.mean([p == corner for p in peaks]) >= 0.95, (cls, peaks[:5])

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from xray_edge.contract import INPUT_SIZE, INTENSITY_METHODS
+from xray_edge.recipe import INPUT_SIZE, INTENSITY_METHODS
 from xray_edge.extras import require
 from xray_edge.train.recipes import CHILD_ORIGINS, DEFAULT, FEATURE_CACHE
 
@@ -80,7 +80,7 @@ def train(
     abstain_accuracy: Annotated[float, typer.Option(
         help="Validation accuracy the images outside the 'uncertain' band must reach.")] = 0.97,
     max_abstain: Annotated[float, typer.Option(
-        help="Largest share of validation images the 'uncertain' band may take.")] = 0.25,
+        help="Largest share of validation images the 'uncertain' band may take.")] = 0.10,
     gate_quantile: Annotated[float, typer.Option(
         help="Share of validation X-rays the input gate must accept.")] = 0.99,
     n_boot: Annotated[int, typer.Option(min=1, help="Bootstrap resamples for the 95 % CIs.")] = 1000,

@@ -19,7 +19,7 @@ import numpy as np
 
 from xray_edge.contract import Preprocessing
 from xray_edge.decode import read_image
-from xray_edge.preprocess import LungBox, preprocess
+from xray_edge.preprocess import RESIZE, LungBox, preprocess
 from xray_edge.train import augment
 from xray_edge.train.data import Image
 
@@ -67,8 +67,8 @@ def view_input(image: Image, view: int, spec: Preprocessing, seed: int, recipe: 
 def view_key(image: Image, view: int, spec: Preprocessing, base_digest: str, seed: int,
              recipe: str = "geometric", output: str = "block5_pool") -> str:
     """Cache key of one view's ``output``."""
-    parts = {"image": image.sha256, "decoder": DECODER, "preprocessing": spec.key(), "base": base_digest,
-             "view": view, "output": output}
+    parts = {"image": image.sha256, "decoder": DECODER, "resize": RESIZE, "preprocessing": spec.key(),
+             "base": base_digest, "view": view, "output": output}
     if view:
         parts |= {"augment": augment.RECIPES[recipe], "seed": seed}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()

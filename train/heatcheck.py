@@ -12,7 +12,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from xray_edge.contract import LungCrop
+from xray_edge.recipe import LungCrop
 from xray_edge.lungs import lung_mask, model_input, probabilities
 
 

@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from xray_edge.contract import LungCrop
+from xray_edge.recipe import LungCrop
 from xray_edge.decode import read_image
 from xray_edge.lungs import LUNG_RECORD_KEY, box_of, lung_mask, model_input
 from xray_edge.preprocess import LUNG_BOX_MIN_SIDE

@@ -2,14 +2,19 @@
 the outputs the runtime needs besides the class logits.
 
 The full model (``assemble``) maps ``image`` (N, S, S, 1) grey in [0, 1] (see
-``xray_edge.contract``) to four outputs, exported to ONNX under the same names:
+``xray_edge.contract``), and the site inputs ``site_scale`` and ``site_shift`` (1, K) (identity by
+default: ``image_only``), to five outputs, exported to ONNX under the same names. The site inputs
+align the block5_pool features per channel (``x * scale + shift``, ``xray_edge.site``) before
+every head, the gate and Grad-CAM:
 
-* ``logits`` (N, C): the class head on the VGG-19 block5_pool features;
+* ``logits`` (N, C): the class head on the (aligned) VGG-19 block5_pool features;
 * ``age_logits`` (N, 2): adult / child, from the same features (``contract.AGE_GROUPS`` order);
 * ``ood_distance`` (N,): the smallest squared Mahalanobis distance of the image's pooled features to
   a class mean of the training features (shared, shrunk covariance): the input gate's score;
 * ``cam`` (N, h, w, C): Grad-CAM of every class on block5_conv4, computed in the graph from the
-  head's own weights (``GradCAM``), so that heatmaps need no TensorFlow at run time.
+  head's own weights (``GradCAM``), so that heatmaps need no TensorFlow at run time;
+* ``pooled`` (N, K): the global average of block5_pool before alignment (what site calibration
+  measures a clinic's normals by).
 
 The base (preprocessing + VGG-19 convolutions) and the heads are separate models so the base can
 be run once per image and its features cached.
@@ -23,7 +28,7 @@ import keras
 import numpy as np
 from keras import ops
 
-from xray_edge.contract import AGE_GROUPS, CLASSES, INPUT_NAME, INPUT_SIZE, VGG_BGR_MEANS
+from xray_edge.contract import AGE_GROUPS, CLASSES, INPUT_NAME, INPUT_SIZE, SITE_INPUTS, VGG_BGR_MEANS
 
 WEIGHTS_ENV = "XRAY_EDGE_VGG19_WEIGHTS"
 HEADS = ("flatten", "gap")
@@ -31,7 +36,7 @@ ARCHS = ("vgg19", "vgg-tiny")  # vgg-tiny: VGG's five blocks at a few channels, 
 TINY_WIDTHS = (16, 32, 64, 64, 64)
 CAM_LAYER = "block5_conv4"
 CUT_LAYER = "block4_pool"  # the last frozen activations, cached for block-5 fine-tuning (train.finetune)
-OUTPUTS = ("logits", "age_logits", "ood_distance", "cam")
+OUTPUTS = ("logits", "age_logits", "ood_distance", "cam", "pooled")
 
 
 def resolve_weights(weights: str | None) -> str | None:
@@ -139,10 +144,36 @@ class MahalanobisDistance(keras.layers.Layer):
 
 
 @keras.saving.register_keras_serializable(package="xray_edge")
-class GradCAM(keras.layers.Layer):
-    """block5_conv4 activations A (N, h, w, K) -> Grad-CAM maps (N, h, w, C) of every class.
+class SiteAlign(keras.layers.Layer):
+    """[features (N, h, w, K), scale (1, K), shift (1, K)] -> features * scale + shift per channel
+    (per pooled feature after global average pooling)."""
 
-    The class head is ``pool(maxpool2(A))`` (global average or flatten) -> Dense-ReLU -> Dense-ReLU
+    def call(self, inputs):
+        x, scale, shift = inputs
+        return x * ops.reshape(scale, (1, 1, 1, -1)) + ops.reshape(shift, (1, 1, 1, -1))
+
+
+@keras.saving.register_keras_serializable(package="xray_edge")
+class Constant(keras.layers.Layer):
+    """Any input -> a (1, n) tensor of ``value`` (the identity site inputs of ``image_only``)."""
+
+    def __init__(self, n: int, value: float, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.n, self.value = n, value
+
+    def call(self, x):
+        return ops.full((1, self.n), self.value, dtype=x.dtype)
+
+    def get_config(self) -> dict[str, Any]:
+        return super().get_config() | {"n": self.n, "value": self.value}
+
+
+@keras.saving.register_keras_serializable(package="xray_edge")
+class GradCAM(keras.layers.Layer):
+    """[block5_conv4 activations A (N, h, w, K), site scale, site shift (1, K)] -> Grad-CAM maps
+    (N, h, w, C) of every class.
+
+    The class head is ``pool(maxpool2(A) * scale + shift)`` (global average or flatten) -> Dense-ReLU -> Dense-ReLU
     -> Dense; this layer holds a copy of its weights and differentiates it analytically: the
     gradient of logit c with respect to the pooled input is W1 (m1 * (W2 (m2 * W3[:, c]))) with the
     ReLU masks m of this image. Max pooling routes each window's gradient to its maximum, so the
@@ -160,8 +191,9 @@ class GradCAM(keras.layers.Layer):
                        self.add_weight(shape=(b,), initializer="zeros", trainable=False, name=f"b{i}"))
                       for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:]))]
 
-    def call(self, a):
-        f = ops.max_pool(a, 2, 2)  # block5_pool
+    def call(self, inputs):
+        a, scale, shift = inputs
+        f = ops.max_pool(a, 2, 2) * ops.reshape(scale, (1, 1, 1, -1)) + ops.reshape(shift, (1, 1, 1, -1))  # aligned pool
         positions = int(np.prod(self.pooled_shape))
         x = ops.reshape(f, (-1, positions * self.n_channels)) if self.kind == "flatten" else ops.mean(f, axis=(1, 2))
         masks = []
@@ -176,7 +208,8 @@ class GradCAM(keras.layers.Layer):
         grad = ops.einsum("ij,njc->nic", self.dense[0][0], grad)
         if self.kind == "flatten":
             grad = ops.sum(ops.reshape(grad, (-1, positions, self.n_channels, self.n_classes)), axis=1)
-        weights = grad / float(a.shape[1] * a.shape[2])
+        # the alignment scales each channel: d logit / d pool = scale * d logit / d aligned pool
+        weights = grad * ops.reshape(scale, (1, -1, 1)) / float(a.shape[1] * a.shape[2])
         return ops.relu(ops.einsum("nhwk,nkc->nhwc", a, weights))
 
     def get_config(self) -> dict[str, Any]:
@@ -201,39 +234,61 @@ def mahalanobis_layer(means: np.ndarray, whiten: np.ndarray) -> MahalanobisDista
 
 def assemble(base: keras.Model, head: keras.Model, age_head: keras.Model, means: np.ndarray,
              whiten: np.ndarray) -> keras.Model:
-    """base + heads -> image to {logits, age_logits, ood_distance, cam} (``OUTPUTS``)."""
+    """base + heads -> [image, site_scale, site_shift] to {logits, age_logits, ood_distance, cam,
+    pooled} (``OUTPUTS``)."""
     inp = keras.Input(base.input.shape[1:], name=INPUT_NAME)
     conv4, pool, _ = base(inp)
-    pooled = keras.layers.GlobalAveragePooling2D(name="pooled")(pool)
+    k = int(pool.shape[-1])
+    scale, shift = (keras.Input((k,), batch_size=1, name=name) for name in SITE_INPUTS)
+    aligned = SiteAlign(name="site_align")([pool, scale, shift])
+    pooled = keras.layers.GlobalAveragePooling2D(name="pooled_aligned")(aligned)
     outputs = {
-        "logits": keras.layers.Identity(name="logits")(head(pool)),
+        "logits": keras.layers.Identity(name="logits")(head(aligned)),
         "age_logits": keras.layers.Identity(name="age_logits")(age_head(pooled)),
         "ood_distance": mahalanobis_layer(means, whiten)(pooled),
-        "cam": grad_cam_layer(head, pool.shape[1:])(conv4),
+        "cam": grad_cam_layer(head, pool.shape[1:])([conv4, scale, shift]),
+        "pooled": keras.layers.GlobalAveragePooling2D(name="pooled")(pool),
     }
-    return keras.Model(inp, outputs, name="xray_edge_vgg19")
+    return keras.Model([inp, scale, shift], outputs, name="xray_edge_vgg19")
+
+
+def image_only(model: keras.Model) -> keras.Model:
+    """``assemble``'s model with the site inputs at the identity (scale 1, shift 0): image -> outputs."""
+    inp = keras.Input(model.inputs[0].shape[1:], name=INPUT_NAME)
+    k = int(model.inputs[1].shape[-1])
+    return keras.Model(inp, model([inp, Constant(k, 1.0)(inp), Constant(k, 0.0)(inp)]), name="xray_edge_image_only")
 
 
 def logits_model(model: keras.Model) -> keras.Model:
-    """The sub-model image -> logits (what the Keras and TFLite benchmark rows run)."""
-    return keras.Model(model.inputs, model.get_layer("logits").output, name="xray_edge_logits")
+    """image -> logits, site inputs (where the model has them) at the identity (what the Keras and
+    TFLite benchmark rows run)."""
+    if len(model.inputs) == 1:
+        return keras.Model(model.inputs, model.get_layer("logits").output, name="xray_edge_logits")
+    inp = keras.Input(model.inputs[0].shape[1:], name=INPUT_NAME)
+    return keras.Model(inp, image_only(model)(inp)["logits"], name="xray_edge_logits")
 
 
 def to_onnx(model: keras.Model, opset: int = 17, names: Sequence[str] | None = None) -> Any:
-    """tf2onnx export (an ``onnx.ModelProto``) of a Keras model with one input ``image``
-    (N, S, S, 1) float32, dynamic batch. A model with dict outputs gives the graph outputs in
-    ``names`` order (default: the dict's keys), named so; list outputs keep tf2onnx's names."""
+    """tf2onnx export (an ``onnx.ModelProto``) of a Keras model whose first input is ``image``
+    (N, S, S, 1) float32, dynamic batch; the site inputs of ``assemble``'s model (1, K) become graph
+    inputs with their identity as default values (initializers of the same name), so a caller that
+    feeds only the image gets the unaligned model. A model with dict outputs gives the graph outputs
+    in ``names`` order (default: the dict's keys), named so; list outputs keep tf2onnx's names."""
     import tensorflow as tf
     import tf2onnx
     from onnx import numpy_helper
 
     size = int(model.inputs[0].shape[1])
-    spec = (tf.TensorSpec((None, size, size, 1), tf.float32, name=INPUT_NAME),)
+    site = [i for i in model.inputs[1:] if i.name in SITE_INPUTS]
+    if len(site) != len(model.inputs) - 1:
+        raise RuntimeError(f"unexpected model inputs {[i.name for i in model.inputs]}")
+    spec = (tf.TensorSpec((None, size, size, 1), tf.float32, name=INPUT_NAME),
+            *(tf.TensorSpec((1, int(i.shape[-1])), tf.float32, name=i.name) for i in site))
     keys = list(names or (model.output.keys() if isinstance(model.output, dict) else []))
 
     @tf.function(input_signature=spec)
-    def forward(image):
-        out = model(image, training=False)
+    def forward(*inputs):
+        out = model(list(inputs) if site else inputs[0], training=False)
         return [out[k] for k in keys] if keys else out
 
     # Constants that layers hold outside variables (the Normalization mean/variance) are captured by
@@ -248,9 +303,12 @@ def to_onnx(model: keras.Model, opset: int = 17, names: Sequence[str] | None = N
             graph.input.remove(inp)
             if inp.name in used:
                 graph.initializer.append(numpy_helper.from_array(captured[inp.name], inp.name))
-    if [i.name for i in graph.input] != [INPUT_NAME] or (keys and len(graph.output) != len(keys)):
+    if [i.name for i in graph.input] != [INPUT_NAME, *(i.name for i in site)] or (keys and len(graph.output) != len(keys)):
         raise RuntimeError(f"unexpected ONNX graph inputs {[i.name for i in graph.input]} / "
                            f"outputs {[o.name for o in graph.output]}")
+    for i in site:  # defaults: scale 1, shift 0
+        default = 1.0 if i.name == SITE_INPUTS[0] else 0.0
+        graph.initializer.append(numpy_helper.from_array(np.full((1, int(i.shape[-1])), default, np.float32), i.name))
     for out, key in zip(list(graph.output), keys):
         rename_value(proto, out.name, key)
     return proto

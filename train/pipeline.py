@@ -21,7 +21,8 @@ from typing import Any, Callable, Iterator
 import numpy as np
 
 from xray_edge import __version__
-from xray_edge.contract import AGE_GROUPS, Heatmap, ModelRecord, Outputs, Preprocessing, sha256_file
+from xray_edge.contract import (AGE_GROUPS, SITE_INPUTS, Heatmap, ModelRecord, Outputs, Preprocessing, SiteReference,
+                                sha256_file)
 from xray_edge.metrics import classification_report, expected_calibration_error, softmax
 from xray_edge.train import crossorigin, data, features, finetune, folds, ood, protocol, report, rules, split, thresholds
 from xray_edge.train.heatcheck import heat_in_lungs
@@ -68,7 +69,7 @@ class TrainConfig:
     ncc_threshold: float = 0.95
     covid_sensitivity: float = 0.95
     abstain_accuracy: float = 0.97
-    max_abstain: float = 0.25
+    max_abstain: float = 0.10
     gate_quantile: float = 0.99
     n_boot: int = 1000
     save_folds: bool = False  # write each fold's held-out features for the site simulation (train.sitesim)
@@ -207,7 +208,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     data.list_images(cfg.data_dirs, cfg.classes, cfg.child_origins)  # refuse bad data before importing TF
     import keras
 
-    from xray_edge.train.model import assemble, resolve_weights
+    from xray_edge.train.model import assemble, image_only, resolve_weights
 
     if cfg.arch == "vgg19":
         resolve_weights(cfg.weights)  # a missing weights file is refused before the data are read
@@ -260,10 +261,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
 
     with stage(timings, "save_and_check_model"):
         normals = idx["train"][y["train"] == ds.classes.index("NORMAL")] if "NORMAL" in ds.classes else idx["train"]
+        normal_mean, normal_std = rules.normal_reference(pooled[normals], ds.origins[normals])
         model = assemble(base, final.head, age_head, fitted.means, fitted.whiten)
         model_path = cfg.out / "model.keras"
         model.save(model_path)
-        reloaded = keras.saving.load_model(model_path, compile=False)
+        reloaded = image_only(keras.saving.load_model(model_path, compile=False))
         x_check = np.stack([features.view_input(ds.images[i], 0, spec, cfg.seed, lung_box=recipe.lung_box())
                             for i in idx["test"][:4]])
         got = reloaded.predict(x_check, verbose=0)
@@ -324,9 +326,10 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             for k, c in enumerate(ds.classes)}
     record = ModelRecord(
         classes=ds.classes, preprocessing=spec, model_version=__version__, input_shape=["N", cfg.size, cfg.size, 1],
-        outputs=Outputs(age_logits="age_logits", ood_distance="ood_distance", cam="cam"),
+        outputs=Outputs(age_logits="age_logits", ood_distance="ood_distance", cam="cam", pooled="pooled"),
         temperature=fitted.temperature, thresholds=fitted.thresholds, abstain_margin=fitted.abstain_margin,
-        seen_age_groups=seen, gate=fitted.gate, heatmap=Heatmap(layer="block5_conv4"),
+        seen_age_groups=seen, gate=fitted.gate, heatmap=Heatmap(layer="block5_conv4"), site_inputs=list(SITE_INPUTS),
+        site_reference=SiteReference(tuple(float(v) for v in normal_mean), tuple(float(v) for v in normal_std)),
         source_model_sha256=sha256_file(model_path), data_manifest_sha256=manifest_sha,
         metrics=record_metrics(metrics))
     record.validate(str(cfg.out / "record.json"))

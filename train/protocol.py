@@ -67,14 +67,12 @@ def fold(cfg: Any, ds: Any, fitted: folds.Fitted, train: np.ndarray, val: np.nda
     report["covid_vs_normal"] = covid_vs_normal(y_te, probs, ds.classes)
     report["referral"] = rules.referral(rules.decisions(fitted_rules, ds.classes, logits, pooled), y_te, ds.classes)
     if save is not None:
-        normal = ds.classes.index("NORMAL")
-        normals = tr[y_tr == normal]
-        by_origin = [pooled_tr[y_tr == normal][ds.origins[normals] == o].mean(axis=0)
-                     for o in sorted(set(ds.origins[normals]))]
+        normal = y_tr == ds.classes.index("NORMAL")
+        normal_mean, normal_std = rules.normal_reference(pooled_tr[normal], ds.origins[tr][normal])
         save.parent.mkdir(parents=True, exist_ok=True)
         np.savez_compressed(save, pooled=pooled.astype(np.float32), y=y_te, logits=logits,
                             val_logits=fitted.logits(va), val_y=y_va,
-                            normal_mean=np.mean(by_origin, axis=0), normal_std=pooled_tr[y_tr == normal].std(axis=0),
+                            normal_mean=normal_mean, normal_std=normal_std,
                             temperature=fitted_rules.temperature, abstain_margin=fitted_rules.abstain_margin,
                             thresholds=np.array([fitted_rules.thresholds.get(c, np.nan) for c in ds.classes]),
                             gate_threshold=fitted_rules.gate.threshold, gate_quantile=fitted_rules.gate.quantile,

@@ -67,3 +67,11 @@ def referral(decided: list[Any], y: np.ndarray, classes: Sequence[str]) -> dict[
             "uncertain": float(np.mean(kind == "uncertain")),
             "sent_back": float(np.mean(~ok)),
             "decided_accuracy": float(np.mean(label[ok] == y[ok])) if ok.any() else None}
+
+
+def normal_reference(pooled: np.ndarray, origins: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The training normals' pooled features as site calibration aligns to them: the mean of the
+    origins' means (every origin counts the same) and the spread of all of them (at least 1e-6: a
+    feature no normal activates has none)."""
+    mean = np.mean([pooled[origins == o].mean(axis=0) for o in sorted(set(origins))], axis=0)
+    return mean, np.maximum(pooled.std(axis=0), 1e-6)

@@ -69,7 +69,7 @@ def top_two_margin(probs: np.ndarray) -> np.ndarray:
 
 
 def choose_abstain_margin(probs: np.ndarray, y: np.ndarray, target_accuracy: float,
-                          max_abstain: float = 0.25) -> float:
+                          max_abstain: float = 0.10) -> float:
     """The smallest margin such that the images whose top-two margin is above it are classified
     with at least ``target_accuracy`` (the rest are "uncertain, refer"), abstaining on at most
     ``max_abstain`` of the images; 0 (exact ties only) if the whole set already reaches it."""
