@@ -41,7 +41,7 @@ def site_profile(folder: Path, model: Path) -> Path:
     for i in range(40):
         cv2.imwrite(str(normals / f"n{i}.png"), as_uint8(blocks(5000 + i)))
     result = CliRunner().invoke(app, ["calibrate", str(normals), "--out", str(folder / "site.json"), "--model",
-                                      str(model), "--name", "clinic-a", "-q"])
+                                      str(model), "--name", "clinic-a", "--method", "threshold", "-q"])
     assert result.exit_code == 0, result.output
     return folder / "site.json"
 

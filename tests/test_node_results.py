@@ -60,7 +60,7 @@ def test_a_site_profile_is_applied_as_classify_applies_it(tmp_path, models):
         write(normals / f"n{i:02d}.png", as_uint8(xray_like(seed=100 + i)))
     profile = tmp_path / "site.json"
     result = CliRunner().invoke(app, ["calibrate", str(normals), "--out", str(profile), "--model",
-                                      str(models["covid"]), "--name", "clinic-a", "-q"])
+                                      str(models["covid"]), "--name", "clinic-a", "--method", "threshold", "-q"])
     assert result.exit_code == 0, result.output
     row, sr, _ = run_node(tmp_path, models["covid"], radiograph("CR", 7), site=profile)
     out = tmp_path / "classify.json"
