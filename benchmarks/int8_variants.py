@@ -23,20 +23,24 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from xray_edge.export.quantize import BASE_END, CLASSIFIER_INT8
+
 CONV = ("Conv", "MaxPool")
-PCT = {"symmetric": False, "num_bins": 2048}
-# name -> (four channels, op types (None: every op onnxruntime can), calibration, its options, weight bits,
-#          node-name parts kept float)
-VARIANTS: dict[str, tuple[bool, tuple[str, ...] | None, str, dict | None, int, tuple[str, ...]]] = {
-    "3-ch conv1_1, every op, MinMax (v0.1)": (False, None, "minmax", None, 7, ()),
-    "convolutions only, MinMax (0.2.0)": (True, CONV, "minmax", None, 7, ()),
-    "convolutions only, MinMax, 8-bit weights (not AVX2-safe)": (True, CONV, "minmax", None, 8, ()),
-    "convolutions only, percentile 99.999": (True, CONV, "percentile", PCT | {"percentile": 99.999}, 7, ()),
-    "convolutions only, percentile 99.99": (True, CONV, "percentile", PCT | {"percentile": 99.99}, 7, ()),
-    "convolutions only, entropy": (True, CONV, "entropy", None, 7, ()),
-    "convolutions only, MinMax, block5_conv4 float": (True, CONV, "minmax", None, 7, ("block5_conv4",)),
-    "convolutions only, percentile 99.999, block5_conv4 float": (True, CONV, "percentile", PCT | {"percentile": 99.999},
-                                                                 7, ("block5_conv4",)),
+CONV_RELU = ("Conv", "Relu", "MaxPool")  # the ReLU quantized with its convolution: its output range is [0, max]
+PCT = {"symmetric": False, "num_bins": 2048, "percentile": 99.999}
+# name -> to_int8's keyword arguments, plus "four": the first convolution takes the zero-weight fourth channel
+VARIANTS: dict[str, dict[str, Any]] = {
+    "3-ch conv1_1, every op, MinMax (v0.1)": {"four": False},
+    "convolutions only, MinMax (0.2.0)": {"op_types": CONV},
+    "convolutions only, MinMax, 8-bit weights": {"op_types": CONV, "weight_bits": 8},
+    "convolutions only, entropy": {"op_types": CONV, "method": "entropy"},
+    "convolutions + ReLU, MinMax": {"op_types": CONV_RELU},
+    "every op, MinMax": {},
+    "every op, percentile 99.999": {"method": "percentile", "options": PCT},
+    "every op of the base, percentile 99.999": {"upto": BASE_END, "method": "percentile", "options": PCT},
+    "every op of the base, block5 convolutions float": {"upto": BASE_END, "float_nodes": ("block5_conv",)},
+    "every op of the base, MinMax, int8 activations": {"upto": BASE_END},
+    "every op of the base, MinMax, uint8 activations (0.3.0)": CLASSIFIER_INT8,
 }
 
 
@@ -53,10 +57,10 @@ def _logits(session, x: np.ndarray, batch: int = 8) -> np.ndarray:
     return np.concatenate([session.run(["logits"], {"image": x[i:i + batch]})[0] for i in range(0, len(x), batch)])
 
 
-def compare(model_path: Path, data: Path, n_images: int = 500, n_calib: int = 200, threads: int = 2, rounds: int = 5,
-            seed: int = 0) -> dict[str, Any]:
-    """Build every variant, then measure agreement with FP32 on ``n_images`` test images and batch-1
-    and batch-8 latency in interleaved rounds."""
+def compare(model_path: Path, data: Path, n_images: int = 500, n_calib: int = 500, threads: int = 2, rounds: int = 5,
+            seed: int = 0, only: Sequence[str] = ()) -> dict[str, Any]:
+    """Build every variant (with ``only``: those whose name contains one of its parts), then measure
+    agreement with FP32 on ``n_images`` test images and batch-1 and batch-8 latency in interleaved rounds."""
     import keras
     import onnx
 
@@ -84,11 +88,13 @@ def compare(model_path: Path, data: Path, n_images: int = 500, n_calib: int = 20
         reference_logits = _logits(_session(fp32[True], threads), test.x)
         reference = reference_logits.argmax(1)
         sessions = {}
-        for name, (four, ops, method, options, bits, float_nodes) in VARIANTS.items():
+        for name, variant in VARIANTS.items():
+            if only and not any(part in name for part in only):
+                continue
             path = tmp / f"int8-{len(sessions)}.onnx"
             print(f"building: {name}", file=sys.stderr)
-            to_int8(fp32[four], path, calib.x, method, op_types=ops, options=options, weight_bits=bits,
-                    float_nodes=float_nodes)
+            settings = dict(variant)
+            to_int8(fp32[settings.pop("four", True)], path, calib.x, **settings)
             sessions[name] = _session(path, threads)
             logits = _logits(sessions[name], test.x)
             pred = logits.argmax(1)
@@ -141,8 +147,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, help="write the table here (and the figures as .json beside it)")
+    parser.add_argument("--only", help="comma-separated parts of variant names: run only the variants named like them")
     args = parser.parse_args(argv)
-    result = compare(args.model, args.data, args.images, threads=args.threads, rounds=args.rounds)
+    result = compare(args.model, args.data, args.images, threads=args.threads, rounds=args.rounds,
+                     only=tuple(args.only.split(",")) if args.only else ())
     text = markdown(result, "python -m xray_edge.benchmarks.int8_variants " + " ".join(sys.argv[1:] if argv is None else argv))
     print(text)
     if args.out:

@@ -8,13 +8,18 @@ computed ranges through its calibration cache. The ranges are computed here rath
 its Entropy method then runs with num_bins == num_quantized_bins == 128, has a single candidate
 threshold and silently returns the full (MinMax-like) range.
 
-Only the convolutions and max pools are quantized (``OP_TYPES``): the in-graph preprocessing
-(scaling, grey to BGR, mean subtraction) and the small heads, gate and Grad-CAM stay float, where
-quantizing them costs agreement and buys no speed.
+The classifier's settings are ``CLASSIFIER_INT8``: every op of the convolutional base that
+onnxruntime can quantize (the in-graph preprocessing, convolutions, ReLUs, max pools) up to
+``BASE_END`` (block5_conv4 and its ReLU); everything after it (the last max pool, site alignment,
+class and age heads, gate, Grad-CAM) stays float: small, nothing to gain in speed, and a site
+profile then acts on float features. Calibrated on 500 training images (``xray-edge export
+--calib-images``). ``benchmarks/int8_variants.md`` compares the alternatives on 500 test images.
 
-Activations are QInt8 (S8S8), onnxruntime's recommended QDQ default for x86 and ARM. Measured on
-this x86 machine (AVX512-VNNI, onnxruntime 1.31, VGG-19 at 224 px, batch 1, 1 thread, best of 5x3
-runs): FP32 234 ms, S8S8 71.2 ms, U8S8 (QUInt8 activations) 72.6 ms. Dynamic quantization is never
+Activations are uint8 (U8S8 kernels): with asymmetric ranges the quantized values are those of
+int8 activations shifted by 128 (the same answers), and onnxruntime runs u8 x s8 products on AMX
+where the CPU has it (its AMX GEMM is U8S8 only): 36.1 against 40.1 ms per image at batch 1 on a
+2-core Sapphire Rapids (int8_variants.md). On an AVX512-VNNI machine without AMX (onnxruntime
+1.31, batch 1, 1 thread) S8S8 and U8S8 measured 71.2 and 72.6 ms. Dynamic quantization is never
 used: 1305 ms there, 5.6x slower than FP32 (per-call activation quantization around every conv).
 """
 from __future__ import annotations
@@ -31,7 +36,12 @@ import numpy as np
 from xray_edge.contract import INPUT_NAME
 
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
-OP_TYPES = ("Conv", "MaxPool")
+# activation types: int8 (S8S8 kernels) or uint8 (U8S8: the kernels onnxruntime runs on AMX)
+ACTIVATION_TYPES = {"int8": "QInt8", "uint8": "QUInt8"}
+BASE_END = "block5_conv4"  # the base's last convolution: its ReLU is the last node quantized
+# The classifier's INT8 settings (xray-edge export), chosen on benchmarks/int8_variants.md: the base quantized up
+# to BASE_END, uint8 activations (onnxruntime's AMX kernels are u8 x s8)
+CLASSIFIER_INT8: dict[str, Any] = {"upto": BASE_END, "activations": "uint8"}
 # create_calibrator options per method. Ranges are asymmetric (ORT's QDQ activations carry a zero
 # point), so ReLU outputs use the whole int8 range.
 CALIBRATOR_OPTIONS: dict[str, dict[str, Any]] = {
@@ -130,32 +140,58 @@ def ranges(tensors_data: Any) -> dict[str, tuple[float, float]]:
             for name, t in tensors_data.items()}
 
 
+def upstream_of(proto: Any, name_part: str) -> set[str]:
+    """Names of the last node (in graph order) whose name contains ``name_part`` and of every node it
+    depends on."""
+    producer = {out: node for node in proto.graph.node for out in node.output}
+    todo = [n for n in proto.graph.node if name_part in n.name][-1:]
+    if not todo:
+        raise ValueError(f"no node named like {name_part!r} in the graph")
+    seen: set[str] = set()
+    while todo:
+        node = todo.pop()
+        if node.name not in seen:
+            seen.add(node.name)
+            todo += [producer[i] for i in node.input if i in producer]
+    return seen
+
+
 def to_int8(fp32_path: Path, out_path: Path, images: np.ndarray, method: str = "minmax",
-            op_types: tuple[str, ...] | None = OP_TYPES, options: dict[str, Any] | None = None,
-            weight_bits: int = 7, float_nodes: tuple[str, ...] = ()) -> dict[str, Any]:
+            op_types: tuple[str, ...] | None = None, options: dict[str, Any] | None = None,
+            weight_bits: int = 7, float_nodes: tuple[str, ...] = (), upto: str | None = None,
+            activations: str = "int8") -> dict[str, Any]:
     """Write the static INT8 (QDQ) model of ``fp32_path`` to ``out_path``, calibrated on ``images``,
     quantizing the nodes of ``op_types`` (None: every op onnxruntime can) except those whose name
-    contains one of ``float_nodes``. ``weight_bits`` 7 (the default) keeps every int8 weight in
+    contains one of ``float_nodes`` and, with ``upto``, every node after the one named like it
+    (``BASE_END``: the convolutional base quantized, the last max pool, the heads, gate, Grad-CAM and site alignment
+    left float). ``weight_bits`` 7 (the default) keeps every int8 weight in
     [-64, 64]: onnxruntime's AVX2 kernels (x86 without VNNI) add pairs of u8 x s8 products in int16
     and saturate beyond that, so 8-bit weights give other answers there than on VNNI or ARM
     (``AVX2_SAFE_WEIGHT``). Returns the quantization settings for the model record."""
     import onnx
+    import onnxruntime
     import onnxruntime.quantization as q
 
+    # the calibrator's own sessions would warn, for every pass, that the site inputs' defaults are not constants
+    onnxruntime.set_default_logger_severity(3)
     if weight_bits not in (7, 8):
         raise ValueError(f"weight_bits must be 7 or 8, got {weight_bits}")
+    if activations not in ACTIVATION_TYPES:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATION_TYPES)}, got {activations!r}")
     with tempfile.TemporaryDirectory(prefix="xray-edge-int8-") as tmp:
         tmp = Path(tmp)
         pre = tmp / "pre.onnx"
         preprocess_for_quantization(fp32_path, pre)
-        excluded = [n.name for n in onnx.load(str(pre)).graph.node if any(f in n.name for f in float_nodes)]
+        graph = onnx.load(str(pre))
+        kept = upstream_of(graph, upto) if upto else {n.name for n in graph.graph.node}
+        excluded = [n.name for n in graph.graph.node if any(f in n.name for f in float_nodes) or n.name not in kept]
         tensors = calibrate(pre, images, method, tmp, options)
         cache = tmp / "ranges.json"
         q.save_tensors_data(tensors, cache)
         q.quantize_static(
             str(pre), str(out_path), calibration_data_reader=None, calibration_cache_path=str(cache),
             calibrate_method=_method(method), quant_format=q.QuantFormat.QDQ, per_channel=True,
-            activation_type=q.QuantType.QInt8, weight_type=q.QuantType.QInt8,
+            activation_type=getattr(q.QuantType, ACTIVATION_TYPES[activations]), weight_type=q.QuantType.QInt8,
             op_types_to_quantize=list(op_types) if op_types else None, nodes_to_exclude=excluded,
             reduce_range=weight_bits == 7,
         )
@@ -165,9 +201,10 @@ def to_int8(fp32_path: Path, out_path: Path, images: np.ndarray, method: str = "
         "images": int(len(images)),
         "format": "QDQ",
         "weights": f"int8 per-channel, {weight_bits}-bit range" + (" (reduce_range: AVX2-safe)" if weight_bits == 7 else ""),
-        "activations": "int8",
+        "activations": activations,
         "op_types": list(op_types) if op_types else "all",
-        "float_nodes": excluded,
+        "quantized_up_to": upto,
+        "float_nodes": len(excluded),
     }
 
 

@@ -32,7 +32,7 @@ class ExportOptions:
     out: Path
     variants: list[str]
     calibration: str = "minmax"
-    calib_images: int = 200
+    calib_images: int = 500
     data: Path | None = None
     record: Path | None = None  # default: record.json next to the model
     split: Path | None = None  # default: split.csv next to the model
@@ -175,7 +175,7 @@ def export_variants(opts: ExportOptions) -> list[Exported]:
     import xray_edge.train.model  # noqa: F401 (registers the model's own layers with Keras)
 
     from .convert import check_against_keras, keras_to_onnx
-    from .quantize import to_fp16, to_int8
+    from .quantize import CLASSIFIER_INT8, to_fp16, to_int8
 
     try:
         model = keras.models.load_model(opts.model, compile=False)
@@ -208,7 +208,7 @@ def export_variants(opts: ExportOptions) -> list[Exported]:
             path = staging / "int8.onnx"
             print(f"int8: {opts.calibration} calibration on {len(inputs.calibration.y)} training images",
                   file=sys.stderr)
-            settings = to_int8(staging / "fp32.onnx", path, inputs.calibration.x, opts.calibration)
+            settings = to_int8(staging / "fp32.onnx", path, inputs.calibration.x, opts.calibration, **CLASSIFIER_INT8)
             built.append(measure("int8", onnx.load(str(path)), path, inputs, opts, probs32,
                                  extra={"quantization": settings})[0])
         refused = [describe(b.variant, b.figures[s]) for b in built if not b.figures["passed"]

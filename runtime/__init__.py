@@ -8,4 +8,4 @@ import os
 # the benchmark): no telemetry uploader, device id or event queue under ~/.cache. See session.py.
 os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

@@ -15,6 +15,7 @@ from typing import Annotated, Any, NoReturn, Optional
 import numpy as np
 import typer
 
+from . import site
 from .session import predict
 from .terminal import Progress, say
 
@@ -35,10 +36,11 @@ def calibrate(
         "--model", "-m", metavar="FILE",
         help="ONNX model exported by xray-edge (default: the model shipped with this install).")] = None,
     method: Annotated[str, typer.Option(
-        help="How the site is corrected (docs/site-calibration.md): align, threshold or align+threshold.")] = "align",
+        help="How the site is corrected (docs/site-calibration.md): align, threshold or align+threshold.")
+    ] = site.DEFAULT_METHOD,
     quantile: Annotated[float, typer.Option(
         min=0.5, max=0.995, help="Each finding's threshold is raised to this quantile of the normals' probability of it.")
-    ] = 0.9,
+    ] = site.DEFAULT_QUANTILE,
     site_name: Annotated[str, typer.Option(
         "--name", metavar="TEXT", help="A name for the site, written into every results row.")] = "site",
     recursive: Annotated[bool, typer.Option(
@@ -48,7 +50,6 @@ def calibrate(
         "--quiet", "-q", metavar="", help="No progress on stderr (default: progress shown).")] = False,
 ) -> None:
     """Fit a site profile from this site's confirmed-normal films (classify --site applies it)."""
-    from . import site
     from .classify import DISCLAIMER, find_images, open_model
     from .contract import ModelContractError
     from .files import write_atomic

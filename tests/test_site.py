@@ -52,7 +52,7 @@ def test_calibrate_writes_a_profile_that_classify_applies_to_every_row(tmp_path,
     assert profile.model_sha256 == load_model(model).sha256 and profile.method == "threshold"
     assert profile.counts["normals_used"] == 30 and profile.site == "clinic-a"
     probs = outputs(model, sorted(normals.iterdir())).probs
-    expected = max(THRESHOLDS["COVID"], float(np.quantile(probs[:, 0], 0.9)))
+    expected = max(THRESHOLDS["COVID"], float(np.quantile(probs[:, 0], site.DEFAULT_QUANTILE)))
     assert profile.fitted.thresholds["COVID"] == pytest.approx(expected)
     assert profile.effect["normals"]["called_a_finding"] > profile.effect["normals_after"]["called_a_finding"]
     assert "normals called a finding" in result.stdout

@@ -297,7 +297,9 @@ def test_end_to_end_outputs(trained, roots):
     assert set(m["test_by_age_group"]) == {"adult", "child"}
     with open(trained / "history_head.csv", newline="") as f:
         history = list(csv.DictReader(f))
-    assert max(float(h["accuracy"]) for h in history) > 0.6  # learnable patterns: labels reach the head
+    # learnable patterns: labels reach the head (weighted accuracy: every origin x class weighs the same, so
+    # chance is 1/3; worst-group reweighting stops on the worst group's loss, earlier than on the mean's)
+    assert max(float(h["accuracy"]) for h in history) > 0.5
 
 
 def test_split_is_reproducible(trained, roots, tmp_path):

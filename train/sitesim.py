@@ -33,7 +33,7 @@ KS = (10, 20, 50)
 # (name, site.fit method, settings)
 VARIANTS: tuple[tuple[str, str | None, dict[str, Any]], ...] = (
     ("none", None, {}),
-    *((f"threshold q{q:.2f}", "threshold", {"quantile": q}) for q in (0.7, 0.8, 0.9)),
+    *((f"threshold q{q:.2f}", "threshold", {"quantile": q}) for q in (0.5, 0.6, 0.7, 0.8, 0.9)),
     ("align mean", "align", {"spread": False}),
     *((f"align mean+spread, shrink {k:g}", "align", {"shrink": float(k)}) for k in (10, 20, 30, 50)),
     ("align + threshold q0.70", "align+threshold", {"quantile": 0.7, "shrink": 30.0}),
