@@ -144,13 +144,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("model", type=Path, help="model.keras with record.json and split.csv beside it")
     parser.add_argument("--data", type=Path, required=True, help="data folder the split's paths are relative to")
     parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--calib-images", type=int, default=500, help="training images that calibrate every variant")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, help="write the table here (and the figures as .json beside it)")
-    parser.add_argument("--only", help="comma-separated parts of variant names: run only the variants named like them")
+    parser.add_argument("--only", help="parts of variant names, separated by ';' (names hold commas): run only the variants "
+                        "named like them")
     args = parser.parse_args(argv)
-    result = compare(args.model, args.data, args.images, threads=args.threads, rounds=args.rounds,
-                     only=tuple(args.only.split(",")) if args.only else ())
+    result = compare(args.model, args.data, args.images, args.calib_images, threads=args.threads, rounds=args.rounds,
+                     only=tuple(args.only.split(";")) if args.only else ())
     text = markdown(result, "python -m xray_edge.benchmarks.int8_variants " + " ".join(sys.argv[1:] if argv is None else argv))
     print(text)
     if args.out:
