@@ -2,7 +2,7 @@
 
 INT8: ``quant_pre_process`` (ONNX shape inference + graph optimisation), then activation ranges
 from calibration images through ``create_calibrator`` with explicit options, then
-``quantize_static`` in QDQ format with per-channel int8 weights and int8 activations, fed the
+``quantize_static`` in QDQ format with per-channel int8 weights and int8 or uint8 activations, fed the
 computed ranges through its calibration cache. The ranges are computed here rather than inside
 ``quantize_static`` because that function does not pass the histogram bin counts to the calibrator:
 its Entropy method then runs with num_bins == num_quantized_bins == 128, has a single candidate
