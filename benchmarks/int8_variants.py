@@ -23,6 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from xray_edge.benchmarks.profile_ops import session
+from xray_edge.export import CALIB_IMAGES
 from xray_edge.export.quantize import BASE_END, CLASSIFIER_INT8
 
 CONV = ("Conv", "MaxPool")
@@ -44,20 +46,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 
 
-def _session(path: Path, threads: int):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
 def _logits(session, x: np.ndarray, batch: int = 8) -> np.ndarray:
     return np.concatenate([session.run(["logits"], {"image": x[i:i + batch]})[0] for i in range(0, len(x), batch)])
 
 
-def compare(model_path: Path, data: Path, n_images: int = 500, n_calib: int = 500, threads: int = 2, rounds: int = 5,
+def compare(model_path: Path, data: Path, n_images: int = 500, n_calib: int = CALIB_IMAGES, threads: int = 2, rounds: int = 5,
             seed: int = 0, only: Sequence[str] = ()) -> dict[str, Any]:
     """Build every variant (with ``only``: those whose name contains one of its parts), then measure
     agreement with FP32 on ``n_images`` test images and batch-1 and batch-8 latency in interleaved rounds."""
@@ -85,7 +78,7 @@ def compare(model_path: Path, data: Path, n_images: int = 500, n_calib: int = 50
         for four in (False, True):
             fp32[four] = tmp / f"fp32-{four}.onnx"
             onnx.save(keras_to_onnx(model, four_channels=four), str(fp32[four]))
-        reference_logits = _logits(_session(fp32[True], threads), test.x)
+        reference_logits = _logits(session(fp32[True], threads, {}), test.x)
         reference = reference_logits.argmax(1)
         sessions = {}
         for name, variant in VARIANTS.items():
@@ -95,7 +88,7 @@ def compare(model_path: Path, data: Path, n_images: int = 500, n_calib: int = 50
             print(f"building: {name}", file=sys.stderr)
             settings = dict(variant)
             to_int8(fp32[settings.pop("four", True)], path, calib.x, **settings)
-            sessions[name] = _session(path, threads)
+            sessions[name] = session(path, threads, {})
             logits = _logits(sessions[name], test.x)
             pred = logits.argmax(1)
             out["variants"][name] = {"agreement_fp32": float(np.mean(pred == reference)),
@@ -106,16 +99,16 @@ def compare(model_path: Path, data: Path, n_images: int = 500, n_calib: int = 50
         out["fp32_accuracy"] = float(np.mean(reference == test.y))
         for r in range(rounds):
             print(f"timing round {r + 1}/{rounds}", file=sys.stderr)
-            for name, session in sessions.items():
+            for name, variant_session in sessions.items():
                 for _ in range(2):  # warm-up
-                    session.run(["logits"], {"image": test.x[:1]})
+                    variant_session.run(["logits"], {"image": test.x[:1]})
                 times = out["variants"][name]
                 for i in range(10):
                     t = time.perf_counter()
-                    session.run(["logits"], {"image": test.x[i:i + 1]})
+                    variant_session.run(["logits"], {"image": test.x[i:i + 1]})
                     times["b1_ms"].append((time.perf_counter() - t) * 1000)
                 t = time.perf_counter()
-                session.run(["logits"], {"image": test.x[:8]})
+                variant_session.run(["logits"], {"image": test.x[:8]})
                 times["b8_ms"].append((time.perf_counter() - t) * 1000 / 8)
     for v in out["variants"].values():
         v["b1_median_ms"], v["b8_median_ms_per_image"] = float(np.median(v.pop("b1_ms"))), float(np.median(v.pop("b8_ms")))
@@ -144,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("model", type=Path, help="model.keras with record.json and split.csv beside it")
     parser.add_argument("--data", type=Path, required=True, help="data folder the split's paths are relative to")
     parser.add_argument("--images", type=int, default=500)
-    parser.add_argument("--calib-images", type=int, default=500, help="training images that calibrate every variant")
+    parser.add_argument("--calib-images", type=int, default=CALIB_IMAGES, help="training images that calibrate every variant")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, help="write the table here (and the figures as .json beside it)")

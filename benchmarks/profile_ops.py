@@ -33,6 +33,7 @@ def session(path: Path, threads: int, config: dict[str, str], profile_dir: str |
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.log_severity_level = 3
     for key, value in config.items():
         options.add_session_config_entry(key, value)
     if profile_dir:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from . import MAX_ACCURACY_DROP_POINTS, MIN_AGREEMENT
+from . import CALIB_IMAGES, MAX_ACCURACY_DROP_POINTS, MIN_AGREEMENT
 
 if TYPE_CHECKING:
     from .run import Exported
@@ -31,7 +31,7 @@ def export(
     variants: Annotated[str, typer.Option(help="Comma-separated: fp32, fp16, int8.")] = "fp32,fp16,int8",
     calibration: Annotated[str, typer.Option(help="INT8 activation ranges: minmax, percentile or entropy.")] = "minmax",
     calib_images: Annotated[int, typer.Option(min=1, help="Training images for INT8 calibration "
-                                              "(stratified by class, seeded).")] = 500,
+                                              "(stratified by class, seeded).")] = CALIB_IMAGES,
     data: Annotated[Optional[Path], typer.Option(help="Data folder the split's paths are relative to "
                                                  "(e.g. ../shared/data). [default: $XRAY_EDGE_DATA]",
                                                  show_default=False)] = None,

@@ -17,7 +17,7 @@ profile then acts on float features. Calibrated on 500 training images (``xray-e
 
 Activations are uint8 (U8S8 kernels): with asymmetric ranges the quantized values are those of
 int8 activations shifted by 128 (the same answers), and onnxruntime runs u8 x s8 products on AMX
-where the CPU has it (its AMX GEMM is U8S8 only): 36.1 against 40.1 ms per image at batch 1 on a
+where the CPU has it (its AMX GEMM is U8S8 only): 37.3 against 40.3 ms per image at batch 1 on a
 2-core Sapphire Rapids (int8_variants.md). On an AVX512-VNNI machine without AMX (onnxruntime
 1.31, batch 1, 1 thread) S8S8 and U8S8 measured 71.2 and 72.6 ms. Dynamic quantization is never
 used: 1305 ms there, 5.6x slower than FP32 (per-call activation quantization around every conv).

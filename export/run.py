@@ -17,7 +17,7 @@ import numpy as np
 
 from xray_edge.contract import VARIANTS, ModelContractError, ModelRecord, attach_record
 
-from . import MAX_ACCURACY_DROP_POINTS, MIN_AGREEMENT
+from . import CALIB_IMAGES, MAX_ACCURACY_DROP_POINTS, MIN_AGREEMENT
 from .data import ExportDataError, Images, SplitManifest, data_root, generated_images, load_images, stratified_sample
 from .gate import describe, gate, reports, runtime_outputs
 
@@ -32,7 +32,7 @@ class ExportOptions:
     out: Path
     variants: list[str]
     calibration: str = "minmax"
-    calib_images: int = 500
+    calib_images: int = CALIB_IMAGES
     data: Path | None = None
     record: Path | None = None  # default: record.json next to the model
     split: Path | None = None  # default: split.csv next to the model
